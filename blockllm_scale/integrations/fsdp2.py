@@ -1,0 +1,262 @@
+"""torch FSDP2 (``fully_shard``) with BlockLLM or any torch optimizer.
+
+Every decoder layer and the root are sharded over a 1-D data-parallel mesh (CUDA + NCCL, or CPU +
+gloo). Parameters become sharded DTensors; BlockLLM keeps working on them unchanged: only the selected
+block has ``requires_grad``, so only its shards get a (reduce-scattered) gradient and only they enter
+the inner AdamW, whose state is therefore sharded DTensors too (``states="torchao_8bit"`` keeps them
+in 8 bits; bitsandbytes cannot handle DTensors).
+
+In your own loop::
+
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from blockllm_scale import BlockLLM
+    from blockllm_scale.integrations.fsdp2 import init_mesh, shard_model
+
+    mesh = init_mesh()                          # torchrun env -> process group + 1-D mesh
+    model = shard_model(model.to(mesh.device_type), mesh,
+                        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.9)   # after sharding
+    for input_ids in batches:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.record_loss(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+Build BlockLLM after ``shard_model`` (or call ``optimizer.rebind_parameters()`` once the tensors in
+its ``param_groups`` were swapped, as :func:`rebind_optimizer` does). Checkpoints: :func:`save_dcp` /
+:func:`load_dcp` (torch.distributed.checkpoint; BlockLLM's selection travels beside the shards).
+
+Mixed precision trap (torch <= 2.13): FSDP2 fixes each layer's gradient dtypes at its lazy init from
+the parameters trainable *then*; a layer frozen at that moment and trained later fails in backward.
+:func:`shard_model` therefore runs the lazy init once with every parameter trainable.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ..config import ConfigError
+from ..optim import BlockLLM
+from ..parallel import mean_over_ranks
+
+
+def init_mesh(device_type: str | None = None) -> DeviceMesh:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) and return a 1-D mesh over it."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: the classes a HF model lists in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (no _no_split_modules); shard it yourself")
+    return layers
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None,
+                reshard_after_forward: bool = True, example_inputs: dict | None = None) -> nn.Module:
+    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, head).
+
+    ``example_inputs`` (default: a HF model's ``dummy_inputs``) feed one no-grad forward that runs
+    FSDP2's lazy init while every parameter is trainable (the mixed-precision trap above).
+    """
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    _lazy_init_all_trainable(model, example_inputs, torch.device(mesh.device_type, _local_device_index(mesh)))
+    return model
+
+
+def _local_device_index(mesh: DeviceMesh) -> int | None:
+    return torch.cuda.current_device() if mesh.device_type == "cuda" else None
+
+
+@torch.no_grad()
+def _lazy_init_all_trainable(model: nn.Module, example_inputs: dict | None, device: torch.device) -> None:
+    inputs = example_inputs if example_inputs is not None else getattr(model, "dummy_inputs", None)
+    if inputs is None:
+        raise ValueError("shard_model: pass example_inputs (one small batch) for FSDP2's lazy init")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(True)
+    try:
+        model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, names_before: dict[int, str], model: nn.Module) -> None:
+    """Swap an optimizer built before sharding onto the sharded parameters (matched by name).
+
+    ``names_before`` maps ``id(parameter)`` to its name, recorded before ``shard_model``. Nothing may
+    be cached outside ``param_groups``: BlockLLM re-derives its inner AdamW and hooks from them.
+    """
+    sharded = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names_before[id(p)]] for p in group["params"]]
+    if isinstance(optimizer, BlockLLM):
+        optimizer.rebind_parameters()
+
+
+def unquantized_states(optimizer: BlockLLM) -> list[str]:
+    """Trained parameters whose Adam state torchao silently left in fp32 on this rank.
+
+    torchao quantizes a moment only when its *local shard* holds >= 4096 elements, a multiple of its
+    block size (256); sharding can push small tensors below that. Checked on the live state.
+    """
+    found = []
+    for name, param in optimizer.trained_named_parameters():
+        for adam in optimizer._adam_optimizers():
+            moment = adam.state.get(param, {}).get("exp_avg")
+            if moment is not None:
+                local = moment.to_local() if isinstance(moment, DTensor) else moment
+                if getattr(local, "codes", None) is None:
+                    found.append(name)
+    return found
+
+
+def _trainer_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / f"trainer_rank{rank}.pt"
+
+
+def _adams_of(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers whose tensors go into the distributed checkpoint: BlockLLM's inner AdamW(s)."""
+    return optimizer._adam_optimizers() if isinstance(optimizer, BlockLLM) else [optimizer]
+
+
+def _selection_state(optimizer: BlockLLM) -> dict:
+    """BlockLLM's state_dict without the Adam tensors (those go through DCP)."""
+    return {k: v for k, v in optimizer.state_dict().items() if k not in ("inner", "per_tensor")}
+
+
+def save_dcp(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+    """Shards (model + Adam state) via torch.distributed.checkpoint; ``extra`` and BlockLLM's
+    selection (small, identical on every rank) beside them in one file per rank."""
+    directory = Path(directory)
+    state = {"model": get_model_state_dict(model)}
+    adams = _adams_of(optimizer)
+    if adams:
+        state["optim"] = get_optimizer_state_dict(model, adams)
+    dcp.save(state, checkpoint_id=str(directory / "dcp"))
+    if isinstance(optimizer, BlockLLM):
+        extra = {**extra, "blockllm": _selection_state(optimizer)}
+    torch.save(extra, _trainer_file(directory, dist.get_rank()))
+
+
+def load_dcp(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Counterpart of :func:`save_dcp`; returns ``extra``. The selection is restored first, so the
+    inner AdamW already holds the selected block when its shards are read."""
+    directory = Path(directory)
+    extra = torch.load(_trainer_file(directory, dist.get_rank()), weights_only=False)
+    if isinstance(optimizer, BlockLLM):
+        optimizer.load_state_dict({**extra.pop("blockllm"), "inner": None, "per_tensor": {}})
+    state = {"model": get_model_state_dict(model)}
+    adams = _adams_of(optimizer)
+    if adams:
+        state["optim"] = get_optimizer_state_dict(model, adams)  # allocates the state to read into
+    dcp.load(state, checkpoint_id=str(directory / "dcp"))
+    set_model_state_dict(model, state["model"])
+    if adams:
+        set_optimizer_state_dict(model, adams, state["optim"])
+    return extra
+
+
+class FSDP2Backend:
+    """``--backend fsdp2`` under torchrun: the train loop's :class:`~blockllm_scale.integrations.Backend`.
+
+    ``--dtype bf16`` means FSDP2 mixed precision: fp32 sharded master weights and Adam state, bf16
+    all-gathered weights and compute, gradients reduced in fp32.
+    """
+
+    def __init__(self, train, mesh: DeviceMesh | None = None):
+        self.train = train
+        self.mesh = mesh or init_mesh()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(self.mesh.device_type, _local_device_index(self.mesh) or 0) \
+            if self.mesh.device_type == "cuda" else torch.device("cpu")
+        self.model = self.optimizer = self.scheduler = None
+        self._reported_fp32: set[str] = set()
+
+    def mixed_precision(self) -> MixedPrecisionPolicy:
+        if self.train.dtype == "bf16":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def prepare(self, model, optimizer, scheduler):
+        if isinstance(optimizer, BlockLLM) and optimizer.config.variant == "masked":
+            raise ConfigError("variant=masked is not supported under FSDP2 (its masks need whole gradients); use approximate")
+        if isinstance(optimizer, BlockLLM) and optimizer.config.states == "bnb_8bit":
+            raise ConfigError("states=bnb_8bit does not work on FSDP2's DTensors; use states=torchao_8bit")
+        names_before = {id(p): n for n, p in model.named_parameters()}
+        if self.train.dtype == "bf16":
+            model.float()  # fp32 master weights; the policy casts to bf16 for compute
+        model = shard_model(model, self.mesh, self.mixed_precision())
+        rebind_optimizer(optimizer, names_before, model)
+        if isinstance(optimizer, BlockLLM):
+            optimizer.scorer.reduce_grad = None  # FSDP2 already averaged the gradients
+            optimizer.reduce_loss = mean_over_ranks
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return model, optimizer, scheduler
+
+    def forward(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    def backward(self, loss: torch.Tensor, accumulation_steps: int) -> None:
+        # Every micro-batch is reduce-scattered (no no_sync): during a scoring step, unsynced
+        # micro-batches would hold every layer's unsharded gradient until the last one.
+        (loss / accumulation_steps).backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.optimizer, BlockLLM) and self.optimizer.config.states == "torchao_8bit":
+            self._check_8bit_states()
+
+    def _check_8bit_states(self) -> None:
+        """Say once, on rank 0, which trained tensors have fp32 instead of 8-bit moments."""
+        fallback = set(unquantized_states(self.optimizer)) - self._reported_fp32
+        if fallback and self.rank == 0:
+            warnings.warn(f"torchao_8bit: {len(fallback)} trained tensor(s) keep fp32 Adam state (local shard "
+                          f"< 4096 elements or not a multiple of 256), e.g. {sorted(fallback)[0]}", stacklevel=2)
+        self._reported_fp32 |= fallback
+
+    def save(self, directory: str | Path, client_state: dict) -> None:
+        save_dcp(directory, self.model, self.optimizer, {"scheduler": self.scheduler.state_dict(), **client_state})
+
+    def load(self, directory: str | Path) -> dict:
+        extra = load_dcp(directory, self.model, self.optimizer)
+        self.scheduler.load_state_dict(extra.pop("scheduler"))
+        return extra
+
+    def all_reduce_mean(self, value: float) -> float:
+        return mean_over_ranks(value)
+
+    def barrier(self) -> None:
+        dist.barrier()

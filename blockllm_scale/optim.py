@@ -1,0 +1,364 @@
+"""BlockLLM as a ``torch.optim.Optimizer``.
+
+Each step trains only the selected blocks: every other parameter has ``requires_grad=False``, so
+autograd allocates no gradient for it and backward stops below the lowest selected layer. The Adam
+moments of the selected blocks live in a library AdamW (``states.py``) rebuilt at every block switch.
+
+Feeding the loss: call ``optimizer.record_loss(loss)`` once per micro-batch before ``step()`` (or
+pass a ``closure`` to ``step``). This also works where DeepSpeed, accelerate or the HF Trainer call
+``step()`` for you, since the loss is handed over separately.
+
+What scoring costs: the gradient norms that decide a reselection come from one "scoring step" (the
+step after the patience rule fires, and step 0). That step runs backward through the whole model and
+holds one extra gradient at a time (``scoring.py``); every other step is a plain sparse step. The
+selection made from step t's gradients is trained from step t + 1 on, so step 0 measures and updates
+nothing.
+
+State kept across a reselection: moments of blocks that stay selected are kept; those of blocks that
+leave are dropped (the paper re-initialises the whole optimizer). Keeping costs no memory and makes
+``sparsity=0`` exactly AdamW.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import asdict
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import selection as sel
+from .config import BlockLLMConfig
+from .parallel import average_grad_over_ranks, mean_over_ranks
+from .scoring import GradNormScorer
+from .states import build_adam, copy_hyperparameters, state_dtypes, state_numel
+
+_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+
+
+class BlockLLM(torch.optim.Optimizer):
+    """BlockLLM (block coordinate descent with greedy, gradient-norm / visit-frequency selection).
+
+    ``params``: ``model.named_parameters()``, or param-group dicts whose "params" are (name, tensor)
+    pairs. Parameters that arrive frozen stay frozen. ``lr, betas, eps, weight_decay`` are AdamW's and
+    live in ``param_groups`` (LR schedulers work as usual); every other keyword is a
+    :class:`BlockLLMConfig` field (sparsity, patience, granularity, variant, strategy, embeddings,
+    states, seed).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, **settings: Any):
+        _check_adam_arguments(lr, betas, eps, weight_decay)
+        self.config = BlockLLMConfig.from_dict(settings)
+        groups, self._names = _split_named_groups(params)
+        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        numels = [p.numel() for p in self._flat_params()]
+        self.blocks = sel.group_into_blocks(self._names, numels, self.config.granularity)
+        self._always, self._candidates = self._classify_blocks()
+        self.budget = sel.selection_budget(sum(self.blocks[b].numel for b in self._candidates), self.config.sparsity)
+        self.selection = sel.SelectionState(visits=[0] * len(self.blocks))
+        self._rng = random.Random(self.config.seed)
+        self.scorer = GradNormScorer(reduce_grad=average_grad_over_ranks)
+        self.reduce_loss: Callable[[float], float] = mean_over_ranks
+        self.on_reselect: list[Callable[["BlockLLM"], None]] = []  # backends rebuild engines here
+        self._inner: torch.optim.Optimizer | None = None
+        self._inner_sources: list[int] = []  # outer group index of each inner group
+        # step_in_backward: one AdamW per trained tensor, stepped by a hook inside backward.
+        self._per_tensor: dict[int, torch.optim.Optimizer] = {}
+        self._step_hooks: list = []
+        self._masks: dict[int, torch.Tensor] = {}
+        self._pending_losses: list[float] = []
+        self._warned_no_loss = False
+        self._choose_initial_blocks()
+
+    # ----- what is trained ------------------------------------------------------------------
+    def _flat_params(self) -> list[torch.Tensor]:
+        # Always read from param_groups: accelerate/FSDP2 swap the tensors in place there.
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _classify_blocks(self) -> tuple[list[int], list[int]]:
+        always, candidates = [], []
+        for index, block in enumerate(self.blocks):
+            embedding = any(sel.is_embedding(self._names[i]) for i in block.members)
+            if embedding and self.config.embeddings == "always":
+                always.append(index)
+            elif not (embedding and self.config.embeddings == "never"):
+                candidates.append(index)
+        if not candidates and not always:
+            raise ValueError("BlockLLM: nothing to train (every parameter is an embedding and embeddings='never')")
+        return always, candidates
+
+    @property
+    def _selects_everything(self) -> bool:
+        return self.budget >= sum(self.blocks[b].numel for b in self._candidates)
+
+    def _trained_indices(self) -> set[int]:
+        blocks = list(self._always) + list(self.selection.selected)
+        return {i for b in blocks for i in self.blocks[b].members}
+
+    def trained_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        trained = self._trained_indices()
+        return [(n, p) for i, (n, p) in enumerate(zip(self._names, self._flat_params())) if i in trained]
+
+    @property
+    def selected_fraction(self) -> float:
+        """Share of all parameters handed to BlockLLM that this step trains."""
+        params = self._flat_params()
+        return sum(params[i].numel() for i in self._trained_indices()) / sum(p.numel() for p in params)
+
+    def _adam_optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._per_tensor.values()) + ([self._inner] if self._inner is not None else [])
+
+    def state_numel(self) -> int:
+        """Elements in Adam moment tensors right now (only the trained blocks have any)."""
+        return sum(state_numel(o) for o in self._adam_optimizers())
+
+    def state_dtypes(self) -> set[str]:
+        return set().union(*(state_dtypes(o) for o in self._adam_optimizers()))
+
+    def rebind_parameters(self) -> None:
+        """Pick up tensors that a wrapper put into ``param_groups`` in place of the originals.
+
+        FSDP2's ``fully_shard`` and accelerate's ``prepare`` replace parameters with sharded
+        DTensors; the inner AdamW and the scorer's hooks still point at the old tensors until this
+        re-applies the selection to the new ones. Call it after the swap, before the first step.
+        """
+        if any(o.state for o in self._adam_optimizers()):
+            raise RuntimeError("BlockLLM.rebind_parameters() after a step would drop the Adam state; call it before training")
+        self._apply_selection(carry_state=False)
+
+    # ----- selection --------------------------------------------------------------------------
+    def _choose_initial_blocks(self) -> None:
+        if self._selects_everything:
+            self.selection.selected = list(self._candidates)
+        elif self.config.strategy == "random":
+            self.selection.selected = self._greedy(sel.random_order(len(self._candidates), self._rng))
+        else:
+            self.selection.scoring = True  # step 0 measures every gradient norm
+        self._apply_selection()
+
+    def _greedy(self, candidate_order: list[int]) -> list[int]:
+        numels = [self.blocks[b].numel for b in self._candidates]
+        return [self._candidates[i] for i in sel.greedy_select(candidate_order, numels, self.budget)]
+
+    def _select_from_norms(self, param_norms: list[float]) -> None:
+        block_norms = [sum(param_norms[i] ** 2 for i in self.blocks[b].members) ** 0.5 for b in self._candidates]
+        visits = [self.selection.visits[b] for b in self._candidates]
+        order = sel.rank_by_score(block_norms, visits, use_visits=self.config.strategy == "norm_over_visits")
+        self._switch_to(self._greedy(order))
+
+    def _switch_to(self, blocks: list[int]) -> None:
+        self.selection.selected = blocks
+        self.selection.reselections += 1
+        self._apply_selection()
+        for callback in self.on_reselect:
+            callback(self)
+
+    def _apply_selection(self, carry_state: bool = True) -> None:
+        """Set requires_grad, free gradients of frozen tensors, rebuild the AdamW of the trained ones."""
+        trained = self._trained_indices()
+        scoring = self.selection.scoring
+        candidates = {i for b in self._candidates for i in self.blocks[b].members}
+        params = self._flat_params()
+        for index, param in enumerate(params):
+            param.requires_grad_(index in trained or (scoring and index in candidates))
+            if index not in trained:
+                param.grad = None
+        self._masks = {i: m for i, m in self._masks.items() if i in trained}
+        self._rebuild_inner(trained, carry_state)
+        if scoring:
+            hooked = sorted(trained | candidates)
+            self.scorer.start([params[i] for i in hooked], [i in trained for i in hooked])
+
+    def _rebuild_inner(self, trained: set[int], carry_state: bool) -> None:
+        if self.config.step_in_backward:
+            self._rebuild_per_tensor(trained, carry_state)
+            return
+        old = self._inner
+        groups, self._inner_sources, index = [], [], 0
+        for source, group in enumerate(self.param_groups):
+            chosen = [p for offset, p in enumerate(group["params"]) if index + offset in trained]
+            index += len(group["params"])
+            if chosen:
+                groups.append({**{k: group[k] for k in _HYPERPARAMETERS}, "params": chosen})
+                self._inner_sources.append(source)
+        self._inner = build_adam(self.config.states, groups) if groups else None
+        if carry_state and old is not None and self._inner is not None:
+            for param in (p for g in groups for p in g["params"]):
+                if param in old.state:
+                    self._inner.state[param] = old.state[param]
+
+    def _rebuild_per_tensor(self, trained: set[int], carry_state: bool) -> None:
+        """One AdamW per trained tensor, stepped the moment its gradient is ready (then freed)."""
+        for handle in self._step_hooks:
+            handle.remove()
+        old = self._per_tensor if carry_state else {}
+        sources = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
+        params = self._flat_params()
+        self._per_tensor, self._step_hooks = {}, []
+        for i in sorted(trained):
+            group = self.param_groups[sources[i]]
+            self._per_tensor[i] = old.get(i) or build_adam(
+                self.config.states, [{**{k: group[k] for k in _HYPERPARAMETERS}, "params": [params[i]]}])
+            self._step_hooks.append(params[i].register_post_accumulate_grad_hook(self._backward_stepper(i, group)))
+
+    def _backward_stepper(self, index: int, group: dict):
+        optimizer = self._per_tensor[index]
+
+        @torch.no_grad()
+        def step_and_free(param: torch.Tensor) -> None:
+            if self.selection.scoring:
+                self.scorer.observe(param, param.grad)
+            # read at every step, so LR schedulers reach it
+            copy_hyperparameters(group, optimizer.param_groups[0], _HYPERPARAMETERS)
+            optimizer.step()
+            param.grad = None
+
+        return step_and_free
+
+    # ----- the step ---------------------------------------------------------------------------
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Hand over this micro-batch's loss; the mean over a step's micro-batches drives reselection."""
+        self._pending_losses.append(float(loss.detach()) if torch.is_tensor(loss) else float(loss))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            self.record_loss(loss)
+        self._update_trained_blocks()
+        self._advance_selection()
+        return loss
+
+    def _update_trained_blocks(self) -> None:
+        if self._inner is None:
+            return
+        for inner_group, source in zip(self._inner.param_groups, self._inner_sources):
+            copy_hyperparameters(self.param_groups[source], inner_group, _HYPERPARAMETERS)
+        if self.config.variant == "masked":
+            self._masked_inner_step()
+        else:
+            self._inner.step()
+
+    def _masked_inner_step(self) -> None:
+        """Adam on the whole block (moments stay dense), but only the masked entries move.
+
+        Masks are drawn from the first gradient a block sees after selection (its top |g| entries,
+        so that the trained entries total the budget) and kept until the block leaves. Blocks that
+        stay selected across a reselection keep their masks, so new blocks share what is left.
+        """
+        selected = {i for b in self.selection.selected for i in self.blocks[b].members}
+        params = self._flat_params()
+        fresh = [i for i in sorted(selected) if i not in self._masks and params[i].grad is not None]
+        if fresh:
+            held = sum(int(self._masks[i].sum()) for i in selected if i in self._masks)
+            fresh_numel = sum(params[i].numel() for i in fresh)
+            keep_fraction = min(1.0, max(0, self.budget - held) / fresh_numel)
+            for i in fresh:
+                self._masks[i] = sel.top_magnitude_mask(params[i].grad, keep_fraction)
+        before = {i: params[i].detach().clone() for i in self._masks}
+        self._inner.step()
+        for i, mask in self._masks.items():
+            params[i].copy_(torch.where(mask, params[i], before[i]))
+
+    def _advance_selection(self) -> None:
+        state = self.selection
+        for b in state.selected:
+            state.visits[b] += 1
+        state.step += 1
+        loss = self._take_step_loss()
+        if loss is not None:
+            state.losses.append(loss)
+        if state.scoring:
+            state.scoring = False
+            self._select_from_norms(self.scorer.finish())
+        elif loss is not None and not self._selects_everything and sel.should_reselect(state.losses, self.config.patience):
+            state.losses = []
+            if self.config.strategy == "random":
+                self._switch_to(self._greedy(sel.random_order(len(self._candidates), self._rng)))
+            else:
+                state.scoring = True
+                self._apply_selection()
+
+    def _take_step_loss(self) -> float | None:
+        if not self._pending_losses:
+            if not self._warned_no_loss and not self._selects_everything:
+                warnings.warn("BlockLLM.step() got no loss: call optimizer.record_loss(loss) each step, "
+                              "or the selection never changes", stacklevel=3)
+                self._warned_no_loss = True
+            return None
+        loss = sum(self._pending_losses) / len(self._pending_losses)
+        self._pending_losses = []
+        return self.reduce_loss(loss)
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self.selection.rng_state = self._rng.getstate()
+        params = self._flat_params()
+        return {
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "names": list(self._names),
+            "selection": asdict(self.selection),
+            "inner": self._inner.state_dict() if self._inner is not None else None,
+            "per_tensor": {self._names[i]: o.state_dict() for i, o in self._per_tensor.items()},
+            "masks": {self._names[i]: m.to(params[i].device) for i, m in self._masks.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if list(state_dict["names"]) != self._names:
+            raise ValueError("BlockLLM.load_state_dict: the checkpoint was saved for different parameters")
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.selection = sel.SelectionState(**state_dict["selection"])
+        if self.selection.rng_state is not None:
+            self._rng.setstate(_as_rng_state(self.selection.rng_state))
+        params = self._flat_params()
+        index = {n: i for i, n in enumerate(self._names)}
+        self._masks = {index[n]: m.to(params[index[n]].device) for n, m in state_dict["masks"].items()}
+        self.scorer.finish()
+        self._apply_selection(carry_state=False)
+        if self._inner is not None and state_dict["inner"] is not None:
+            self._inner.load_state_dict(state_dict["inner"])
+        for name, saved in state_dict.get("per_tensor", {}).items():
+            self._per_tensor[index[name]].load_state_dict(saved)
+
+
+def _as_rng_state(saved) -> tuple:
+    # random.Random states survive torch.save as tuples but come back from JSON as lists.
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
+
+
+def _check_adam_arguments(lr, betas, eps, weight_decay) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+
+def _split_named_groups(params: Iterable) -> tuple[list[dict[str, Any]], list[str]]:
+    """Turn named parameters (or groups of them) into plain param groups plus a parallel name list."""
+    items = list(params)
+    raw_groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups, names = [], []
+    for raw in raw_groups:
+        tensors = []
+        for entry in raw["params"]:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise ValueError("params must be named: pass model.named_parameters(), not model.parameters()")
+            name, tensor = entry
+            if tensor.requires_grad:
+                names.append(name)
+                tensors.append(tensor)
+        if tensors:
+            groups.append({**{k: v for k, v in raw.items() if k != "params"}, "params": tensors})
+    if not groups:
+        raise ValueError("params: the model has nothing trainable (every parameter has requires_grad=False)")
+    return groups, names

@@ -1,0 +1,120 @@
+"""Measuring every candidate's gradient norm without holding every gradient.
+
+On a scoring step every candidate parameter is made trainable for one backward pass. A hook that runs
+as soon as a parameter's gradient is accumulated records its norm and, for a parameter that is not
+being trained, frees the gradient at once. So a scoring step costs one full-depth backward pass, and
+its memory peak holds one extra gradient at a time, not a full set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()
+
+GradReducer = Callable[[torch.Tensor], None]
+
+
+class GradNormScorer:
+    """Records ||grad|| per parameter during the backward passes between ``start`` and ``finish``.
+
+    ``reduce_grad`` (optional) averages a gradient across data-parallel ranks in place before its
+    norm is taken, so every rank scores the global-batch gradient and makes the same choice.
+    Gradients of trained parameters are reduced by the training engine and read in ``finish``.
+
+    Sharded gradients (DTensors, as FSDP2 hands them to the hooks after its reduce-scatter) are
+    already averaged across ranks, so ``reduce_grad`` is skipped for them; each rank squares its own
+    shard and ``finish`` sums the shards with one all-reduce, so every rank gets identical norms.
+    """
+
+    def __init__(self, reduce_grad: GradReducer | None = None):
+        self.reduce_grad = reduce_grad
+        self._handles: list = []
+        self._sq_norms: list[torch.Tensor | None] = []
+        self._shard_groups: list[tuple] = []  # per parameter: groups its DTensor grad is sharded over
+        self._params: Sequence[torch.Tensor] = ()
+        self._keep: Sequence[bool] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self, params: Sequence[torch.Tensor], keep: Sequence[bool]) -> None:
+        """Hook ``params``; ``keep[i]`` says whether params[i]'s gradient is needed for the update."""
+        self.finish()
+        self._params, self._keep = list(params), list(keep)
+        self._sq_norms = [None] * len(self._params)
+        self._shard_groups = [()] * len(self._params)
+        for index, (param, kept) in enumerate(zip(self._params, self._keep)):
+            if not kept:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._recorder(index)))
+
+    def _recorder(self, index: int):
+        def record_and_free(param: torch.Tensor) -> None:
+            if self.reduce_grad is not None and not _is_dtensor(param.grad):
+                self.reduce_grad(param.grad)
+            # Micro-batches of one step add up as squared norms: an approximation of the norm of
+            # their sum that needs no gradient kept between them.
+            sq = self._local_square_sum(index, param.grad)
+            previous = self._sq_norms[index]
+            self._sq_norms[index] = sq if previous is None else previous + sq
+            param.grad = None
+
+        return record_and_free
+
+    def observe(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Record a kept parameter's gradient now, for callers that free it before ``finish``
+        (BlockLLM's step_in_backward steps and frees each gradient inside backward)."""
+        for index, candidate in enumerate(self._params):
+            if candidate is param:
+                sq = self._local_square_sum(index, grad)
+                previous = self._sq_norms[index]
+                self._sq_norms[index] = sq if previous is None else previous + sq
+                return
+
+    def finish(self) -> list[float]:
+        """Remove the hooks and return each parameter's gradient norm (0.0 where none arrived)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for index, (param, kept) in enumerate(zip(self._params, self._keep)):
+            if kept and param.grad is not None:
+                self._sq_norms[index] = self._local_square_sum(index, param.grad)
+        self._sum_shards()
+        recorded = [sq for sq in self._sq_norms if sq is not None]
+        # One device-to-host copy for all norms instead of a synchronisation per parameter.
+        values = iter(torch.stack([sq.to(recorded[0].device) for sq in recorded]).sqrt().cpu().tolist() if recorded else [])
+        norms = [0.0 if sq is None else next(values) for sq in self._sq_norms]
+        self._params, self._keep, self._sq_norms, self._shard_groups = (), (), [], []
+        return norms
+
+    def _local_square_sum(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        if _is_dtensor(grad):
+            # Process groups of the mesh dimensions the gradient is sharded over (FSDP2: the one
+            # data-parallel dimension); replicated dimensions already hold the whole sum.
+            mesh = grad.device_mesh
+            self._shard_groups[index] = tuple(mesh.get_group(d) for d, p in enumerate(grad.placements) if p.is_shard())
+            grad = grad.to_local()
+        return grad.detach().float().pow(2).sum()
+
+    def _sum_shards(self) -> None:
+        """Add up the per-shard squared norms: one all-reduce per set of shard groups (usually one)."""
+        by_groups: dict[tuple, list[int]] = {}
+        for index, groups in enumerate(self._shard_groups):
+            if groups and self._sq_norms[index] is not None:
+                by_groups.setdefault(groups, []).append(index)
+        for groups, indices in by_groups.items():
+            stacked = torch.stack([self._sq_norms[i] for i in indices])
+            for group in groups:
+                torch.distributed.all_reduce(stacked, group=group)
+            for i, value in zip(indices, stacked):
+                self._sq_norms[i] = value
+
+
+def _is_dtensor(tensor) -> bool:
+    return isinstance(tensor, DTensor)

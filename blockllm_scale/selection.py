@@ -1,0 +1,139 @@
+"""BlockLLM's selection rules, as pure functions on names, sizes and numbers.
+
+Nothing here knows about optimizers, devices or processes: the optimizer (``optim.py``) and the
+distributed backends feed in gradient norms and losses and apply the decisions. Paper references are to
+BlockLLM (Ramesh et al.), §2 and Algorithms 1-2.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Sequence
+
+import torch
+
+# A decoder layer of a Hugging Face model: "model.layers.3.mlp.up_proj.weight" -> "model.layers.3".
+_LAYER_PREFIX = re.compile(r"^(.*?\blayers?\.\d+)\.")
+# Token embeddings and the output head: the biggest single tensors of a small LLaMA.
+_EMBEDDING_NAME = re.compile(r"(embed|lm_head|\bwte\b|\bwpe\b)")
+
+
+@dataclass(frozen=True)
+class Block:
+    """The unit that is selected or frozen together: one parameter tensor, or one decoder layer."""
+
+    name: str
+    members: tuple[int, ...]  # indices into the optimizer's flat parameter list
+    numel: int
+
+
+def is_embedding(name: str) -> bool:
+    return bool(_EMBEDDING_NAME.search(name))
+
+
+def group_into_blocks(names: Sequence[str], numels: Sequence[int], granularity: str) -> list[Block]:
+    """One block per tensor ("parameter"), or all tensors of a decoder layer together ("layer").
+
+    Tensors outside any decoder layer (embeddings, final norm, head) stay blocks of their own.
+    Blocks keep the order in which their first member appears.
+    """
+    members: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        match = _LAYER_PREFIX.match(name) if granularity == "layer" else None
+        members.setdefault(match.group(1) if match else name, []).append(index)
+    return [Block(key, tuple(idx), sum(numels[i] for i in idx)) for key, idx in members.items()]
+
+
+def selection_budget(total_numel: int, sparsity: float) -> int:
+    """n_s = (1 - s) * n parameters are trained per step (Algorithm 2).
+
+    Computed exactly from the decimal the user wrote: in floats (1 - 0.7) * 1000 is 300.00000000000006,
+    whose ceiling would train one parameter (or one more block) too many.
+    """
+    return math.ceil((1 - Fraction(repr(float(sparsity)))) * total_numel)
+
+
+def should_reselect(losses: Sequence[float], patience: int) -> bool:
+    """The patience rule (Algorithm 1): reselect once the loss history holds at least m values and
+    the newest loss is >= the mean of the last m (the newest included)."""
+    if len(losses) < patience:
+        return False
+    window = losses[-patience:]
+    return losses[-1] >= sum(window) / patience
+
+
+def rank_by_score(norms: Sequence[float], visits: Sequence[int], use_visits: bool = True) -> list[int]:
+    """Block indices in descending score order.
+
+    The paper's score is ||G_l|| / f_l with f_l = visits_l / T. T is shared by all blocks, so the
+    order is that of ||G_l|| / visits_l; a block never visited has f_l = 0, an infinite score, and
+    goes first (larger norm first among those). With ``use_visits=False`` the score is ||G_l||
+    alone (the paper's Appendix E.5 ablation).
+    """
+
+    def key(i: int) -> tuple[int, float]:
+        if not use_visits:
+            return (0, -norms[i])
+        if visits[i] == 0:
+            return (0, -norms[i])
+        return (1, -norms[i] / visits[i])
+
+    return sorted(range(len(norms)), key=key)
+
+
+def random_order(count: int, rng: random.Random) -> list[int]:
+    """Uniformly shuffled block order (the paper's random-selection ablation, Appendix E.5)."""
+    order = list(range(count))
+    rng.shuffle(order)
+    return order
+
+
+def greedy_select(order: Sequence[int], numels: Sequence[int], budget: int) -> list[int]:
+    """Take blocks in ``order`` until their parameter count reaches ``budget`` (Algorithm 2).
+
+    The last block may overshoot the budget; the masked variant trims the overshoot.
+    """
+    chosen: list[int] = []
+    total = 0
+    for i in order:
+        if total >= budget:
+            break
+        chosen.append(i)
+        total += numels[i]
+    return sorted(chosen)
+
+
+def top_magnitude_mask(values: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Boolean mask of the ``keep_fraction`` largest-magnitude entries (the masked variant, §2).
+
+    The threshold tau is the (1 - keep_fraction) quantile of |values|; ties at tau are kept, except
+    at tau = 0 (most entries have no gradient, e.g. embedding rows of tokens absent from the batch):
+    keeping every zero would keep the whole tensor, so exactly the requested count is kept then.
+    """
+    if keep_fraction >= 1.0:
+        return torch.ones_like(values, dtype=torch.bool)
+    magnitudes = values.detach().abs().flatten().float()
+    keep = max(1, round(keep_fraction * magnitudes.numel()))
+    threshold = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
+    if threshold > 0:
+        return values.detach().abs() >= threshold
+    mask = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=values.device)
+    mask[magnitudes.topk(keep).indices] = True
+    return mask.view(values.shape)
+
+
+@dataclass
+class SelectionState:
+    """Everything the selection decisions depend on; saved in checkpoints so resumes are exact."""
+
+    selected: list[int] = field(default_factory=list)  # block indices being trained
+    visits: list[int] = field(default_factory=list)  # steps each block was trained
+    losses: list[float] = field(default_factory=list)  # loss history H since the last reselection
+    step: int = 0
+    scoring: bool = False  # the coming backward measures every candidate's gradient norm
+    reselections: int = 0
+    rng_state: tuple | None = None  # random.Random state for the random-selection ablation

@@ -1,0 +1,74 @@
+"""Where the Adam moments of the selected block live: an AdamW from torch, bitsandbytes or torchao.
+
+BlockLLM delegates the Adam arithmetic to a library optimizer that holds only the selected
+parameters, and rebuilds it at every block switch; this module picks that optimizer and reports what
+its state really is (dtype and element count), measured on the live tensors rather than assumed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()
+
+
+def build_adam(states: str, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """An AdamW over ``param_groups`` whose moments are stored as ``states`` says."""
+    if states == "fp32":
+        return torch.optim.AdamW(param_groups)
+    if states == "bnb_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(param_groups)
+    if states == "torchao_8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(param_groups)
+    raise ValueError(f"states must be one of fp32, bnb_8bit, torchao_8bit; got {states!r}")
+
+
+def copy_hyperparameters(source: dict[str, Any], target: dict[str, Any], keys) -> None:
+    """Copy ``keys`` of an outer param group into an inner optimizer's group. torchao keeps ``lr``
+    as a tensor and refuses a float in its place, so a tensor value is updated in place."""
+    for key in keys:
+        if torch.is_tensor(target.get(key)):
+            target[key].fill_(source[key])
+        else:
+            target[key] = source[key]
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer):
+    for per_param in optimizer.state.values():
+        for value in per_param.values():
+            if isinstance(value, DTensor):
+                value = value.to_local()  # FSDP2: this rank's shard (torchao's 8-bit codes live inside)
+            if torch.is_tensor(value):
+                # Scalars such as the step count are no moments. (Every tensor has .dequantize, so
+                # the test below must not see them.) torchao's OptimState8bit is a tensor subclass.
+                if value.numel() > 1:
+                    yield value
+            elif hasattr(value, "dequantize") or type(value).__name__.startswith("OptimState"):
+                yield value  # torchao's quantized subclasses
+
+
+def state_numel(optimizer: torch.optim.Optimizer | None) -> int:
+    """Elements held in moment tensors on this rank (scalars such as the step count excluded)."""
+    if optimizer is None:
+        return 0
+    return sum(t.numel() for t in _state_tensors(optimizer))
+
+
+def state_dtypes(optimizer: torch.optim.Optimizer | None) -> set[str]:
+    """Storage dtypes of the moment tensors, e.g. {"torch.float32"} or {"torch.uint8"}."""
+    if optimizer is None:
+        return set()
+    found = set()
+    for t in _state_tensors(optimizer):
+        inner = getattr(t, "codes", None)  # torchao keeps the 8-bit codes in .codes
+        found.add(str(inner.dtype if inner is not None else t.dtype))
+    return found

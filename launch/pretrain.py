@@ -1,0 +1,288 @@
+"""Pre-train a LLaMA with BlockLLM or a baseline optimizer: the one entry point.
+
+    python launch/pretrain.py                                   # tiny LLaMA, shipped corpus, CPU or 1 GPU
+    python launch/pretrain.py --model 60m --steps 10000 --batch_size 64 --grad_accum 2 --dtype bf16
+    python launch/pretrain.py --optimizer galore --model 130m   # the baselines take the same flags
+    deepspeed launch/pretrain.py --ds_config configs/ds/zero1.json
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml launch/pretrain.py
+    python launch/pretrain.py --resume auto                     # continue the newest checkpoint of --out_dir
+
+Every flag is a field of one of the config dataclasses below (``TrainConfig``), of
+``blockllm_scale.data.DataConfig``, of ``blockllm_scale.BlockLLMConfig`` or of a baseline's own settings
+(``baselines.GaloreConfig``, ``baselines.BadamConfig``); ``--help`` lists them.
+Memory and speed runs need no text: ``--dataset synthetic --vocab_size 32000`` (GaLore's vocabulary).
+Metrics go to ``<out_dir>/metrics.jsonl``, checkpoints to ``<out_dir>/checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `baselines/` beside `launch/`
+
+from baselines import BASELINE_SECTIONS, BASELINES, BadamConfig, GaloreConfig  # noqa: E402
+from blockllm_scale import BlockLLM, BlockLLMConfig  # noqa: E402
+from blockllm_scale.config import ConfigError  # noqa: E402
+from blockllm_scale.checkpoint import resolve_resume, restore_rng_states, rng_states, save_checkpoint  # noqa: E402
+from blockllm_scale.data import DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size  # noqa: E402
+from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity  # noqa: E402
+from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
+
+BACKENDS = ("auto", "plain", "deepspeed", "fsdp2", "accelerate")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _help(text: str):
+    return field(metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """How long, how fast and where to train."""
+
+    model: str = field(default="tiny", metadata={"help": f"LLaMA size: {', '.join(MODEL_SIZES)}"})
+    optimizer: str = field(default="blockllm", metadata={"help": "blockllm or a baseline: " + ", ".join(BASELINES)})
+    steps: int = field(default=40, metadata={"help": "optimizer steps of the LR schedule"})
+    stop_at_step: int = field(default=0, metadata={"help": "stop (with a checkpoint) at this step; 0: at --steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (AdamW)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of --lr"})
+    dtype: str = field(default="fp32", metadata={"help": "weights and compute: fp32 or bf16"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at the end); 0: never"})
+    eval_batches: int = field(default=8, metadata={"help": "held-out micro-batches per evaluation"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (and at the end); 0: only at --stop_at_step"})
+    out_dir: str = field(default="runs/default", metadata={"help": "metrics.jsonl and checkpoints/ go here"})
+    resume: str = field(default="", metadata={"help": "'auto' (newest in --out_dir) or a checkpoint directory"})
+    seed: int = field(default=0, metadata={"help": "model init, data order and BlockLLM's random choices"})
+    backend: str = field(default="auto", metadata={"help": "plain, deepspeed, fsdp2, accelerate; auto: from the launcher"})
+    ds_config: str = field(default="", metadata={"help": "DeepSpeed JSON config (selects the deepspeed backend)"})
+    device: str = field(default="", metadata={"help": "plain backend: cpu or cuda (default: cuda if present)"})
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stop_at_step", "warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.model not in MODEL_SIZES:
+            raise ValueError(f"--model must be one of {', '.join(MODEL_SIZES)}; got {self.model!r}")
+        if self.optimizer != "blockllm" and self.optimizer not in BASELINES:
+            raise ValueError(f"--optimizer must be blockllm or one of {', '.join(BASELINES)}; got {self.optimizer!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.ds_config and not Path(self.ds_config).is_file():
+            raise ValueError(f"--ds_config: no such file {self.ds_config}")
+
+
+# BlockLLM's seed is the run's --seed: one seed decides everything.
+CONFIG_SECTIONS = {"train": (TrainConfig, ()), "data": (DataConfig, ()), "blockllm": (BlockLLMConfig, ("seed",)),
+                   "galore": (GaloreConfig, ()), "badam": (BadamConfig, ())}
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    """One flag per dataclass field; returns {section: dataclass instance}."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for section, (cls, skipped) in CONFIG_SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            if f.name in skipped:
+                continue
+            help_text = f.metadata.get("help", f"{section} setting (see {cls.__name__})")
+            if f.type in ("bool", bool):
+                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            else:
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                group.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+    args = vars(parser.parse_args(argv))
+    sections = {}
+    for section, (cls, skipped) in CONFIG_SECTIONS.items():
+        values = {f.name: args[f.name] for f in dataclasses.fields(cls) if f.name not in skipped}
+        if section == "blockllm":
+            values["seed"] = args["seed"]
+        try:
+            sections[section] = cls(**values)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return sections
+
+
+def make_backend(train: TrainConfig):
+    kind = train.backend
+    if kind == "auto":
+        if train.ds_config:
+            kind = "deepspeed"
+        elif os.environ.get("ACCELERATE_MIXED_PRECISION") is not None:  # set by `accelerate launch`
+            kind = "accelerate"
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("several processes were launched: choose --backend fsdp2, --ds_config or accelerate launch")
+        else:
+            kind = "plain"
+    if kind == "plain":
+        from blockllm_scale.integrations.plain import PlainBackend
+
+        return PlainBackend(train.device or None)
+    if kind == "deepspeed":
+        from blockllm_scale.integrations.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(train)
+    if kind == "fsdp2":
+        from blockllm_scale.integrations.fsdp2 import FSDP2Backend
+
+        return FSDP2Backend(train)
+    from blockllm_scale.integrations.accelerate import AccelerateBackend
+
+    return AccelerateBackend(train)
+
+
+def build_optimizer(train: TrainConfig, blockllm: BlockLLMConfig, model: torch.nn.Module, sections: dict | None = None):
+    """BlockLLM or a baseline; ``sections`` (from parse_args) supplies a baseline's own settings."""
+    adam = dict(lr=train.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
+    if train.optimizer == "blockllm":
+        return BlockLLM(model.named_parameters(), **adam, **dataclasses.asdict(blockllm))
+    section = BASELINE_SECTIONS.get(train.optimizer)
+    settings = {"config": sections[section]} if section and sections else {}
+    return BASELINES[train.optimizer](model, **adam, **settings)
+
+
+def check_steps_in_backward(optimizer, train: TrainConfig, backend) -> None:
+    """An optimizer that steps inside backward (``steps_in_backward``: its ``step()`` is a no-op, see
+    baselines/in_backward.py) needs each gradient exactly once, on one process that owns it."""
+    if not getattr(optimizer, "steps_in_backward", False):
+        return
+    from blockllm_scale.integrations.plain import PlainBackend
+
+    if train.grad_accum > 1:
+        raise ConfigError(f"--optimizer {train.optimizer} steps inside backward: it cannot accumulate gradients (use --grad_accum 1)")
+    if not isinstance(backend, PlainBackend):
+        raise ConfigError(f"--optimizer {train.optimizer} steps inside backward: it runs on the plain backend only")
+
+
+def cosine_schedule(optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay from --lr to --min_lr_ratio * --lr at --steps."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(backend, model, eval_set, train: TrainConfig) -> float:
+    model.eval()
+    batches = make_batches(eval_set, train.batch_size, seed=0, rank=backend.rank, world_size=backend.world_size)
+    losses = [backend.forward(model, next(batches)).float().item() for _ in range(train.eval_batches)]
+    model.train()
+    return backend.all_reduce_mean(sum(losses) / len(losses))
+
+
+def train_loop(sections: dict) -> list[float]:
+    """Run training; returns the per-step losses of this run (the tests compare them)."""
+    train, data, blockllm_cfg = sections["train"], sections["data"], sections["blockllm"]
+    if blockllm_cfg.step_in_backward and (train.grad_accum > 1 or train.backend not in ("auto", "plain") or train.ds_config):
+        raise ConfigError("--step_in_backward steps inside backward: it needs the plain backend and --grad_accum 1")
+    backend = make_backend(train)
+    torch.manual_seed(train.seed)
+    tokenizer = load_tokenizer(data.tokenizer)
+    train_set, eval_set = build_datasets(data)
+    with torch.device(backend.device):  # initialise in place: a 7B never passes through host memory
+        model = build_model(train.model, vocab_size=model_vocab_size(data, tokenizer), dtype=DTYPES[train.dtype])
+    if train.activation_checkpointing:
+        # Non-reentrant: with reentrant checkpointing and frozen inputs no gradient reaches the
+        # selected layers (integration notes).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(backend.device)
+    optimizer = build_optimizer(train, blockllm_cfg, model, sections)
+    check_steps_in_backward(optimizer, train, backend)
+    blockllm = optimizer if isinstance(optimizer, BlockLLM) else None
+    scheduler = cosine_schedule(optimizer, train)
+    model, optimizer, scheduler = backend.prepare(model, optimizer, scheduler)
+
+    start_step, tokens_seen = 0, 0
+    checkpoint = resolve_resume(train.resume, train.out_dir)
+    if checkpoint is not None:
+        client_state = backend.load(checkpoint)
+        start_step, tokens_seen = client_state["step"], client_state["tokens_seen"]
+        restore_rng_states(client_state["rng"])
+    stop = min(train.stop_at_step or train.steps, train.steps)
+    log = MetricsLog(train.out_dir, enabled=backend.rank == 0)
+    if backend.rank == 0:
+        where = f"resuming {checkpoint} at step {start_step}" if checkpoint else "starting fresh"
+        print(f"[pretrain] {train.optimizer} on LLaMA-{train.model} ({sum(p.numel() for p in model.parameters()):,} params), "
+              f"backend {type(backend).__name__}, world {backend.world_size}, {where}; metrics: {log.path}", flush=True)
+
+    batches = make_batches(train_set, train.batch_size, seed=train.seed, rank=backend.rank,
+                           world_size=backend.world_size, start_step=start_step * train.grad_accum)
+    tokens_per_step = train.batch_size * data.seq_len * train.grad_accum * backend.world_size
+    throughput = Throughput(backend.device)
+    progress = _progress_bar(start_step, stop, enabled=backend.rank == 0)
+    losses = []
+    for step in range(start_step, stop):
+        reselections_before = blockllm.selection.reselections if blockllm else 0
+        micro_losses = []
+        for _ in range(train.grad_accum):
+            loss = backend.forward(model, next(batches))
+            if blockllm is not None:
+                blockllm.record_loss(loss)
+            backend.backward(loss, train.grad_accum)
+            micro_losses.append(loss.detach().float().item())
+        lr = scheduler.get_last_lr()[0]
+        backend.step()
+        tokens_seen += tokens_per_step
+        step_loss = backend.all_reduce_mean(sum(micro_losses) / len(micro_losses))
+        losses.append(step_loss)
+        record = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
+                  "tokens_per_s": throughput.tokens_per_second(tokens_per_step), **peak_memory_gib(backend.device)}
+        if blockllm is not None:
+            record.update(selected_fraction=blockllm.selected_fraction, scoring=blockllm.selection.scoring,
+                          reselected=blockllm.selection.reselections != reselections_before)
+        done = step + 1
+        if train.eval_every and (done % train.eval_every == 0 or done == stop):
+            record["eval_loss"] = evaluate(backend, model, eval_set, train)
+            record["eval_perplexity"] = perplexity(record["eval_loss"])
+        log.write(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if (train.save_every and done % train.save_every == 0) or (done == stop and (train.save_every or train.stop_at_step)):
+            save_checkpoint(backend, train.out_dir, done, {"step": done, "tokens_seen": tokens_seen, "rng": rng_states()})
+    progress.close()
+    return losses
+
+
+def _progress_bar(start: int, stop: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=stop, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        train_loop(parse_args(argv))
+    except ConfigError as error:  # configuration mistakes: one line, no traceback
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
