@@ -12,7 +12,7 @@ What scoring costs: the gradient norms that decide a reselection come from one "
 step after the patience rule fires, and step 0). That step runs backward through the whole model and
 holds one extra gradient at a time (``scoring.py``); every other step is a plain sparse step. The
 selection made from step t's gradients is trained from step t + 1 on, so step 0 measures and updates
-nothing.
+only what is always trained (embeddings with ``embeddings="always"``).
 
 State kept across a reselection: moments of blocks that stay selected are kept; those of blocks that
 leave are dropped (the paper re-initialises the whole optimizer). Keeping costs no memory and makes
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import selection as sel
-from .config import BlockLLMConfig
+from .config import BlockLLMConfig, ConfigError
 from .parallel import average_grad_over_ranks, mean_over_ranks
 from .scoring import GradNormScorer
 from .states import build_adam, copy_hyperparameters, state_dtypes, state_numel
@@ -70,6 +70,8 @@ class BlockLLM(torch.optim.Optimizer):
         self._masks: dict[int, torch.Tensor] = {}
         self._pending_losses: list[float] = []
         self._warned_no_loss = False
+        # Set by delegate_update: returns the optimizer a backend (DeepSpeed) steps for us.
+        self._delegate: Callable[[], torch.optim.Optimizer | None] | None = None
         self._choose_initial_blocks()
 
     # ----- what is trained ------------------------------------------------------------------
@@ -104,11 +106,13 @@ class BlockLLM(torch.optim.Optimizer):
     @property
     def selected_fraction(self) -> float:
         """Share of all parameters handed to BlockLLM that this step trains."""
-        params = self._flat_params()
-        return sum(params[i].numel() for i in self._trained_indices()) / sum(p.numel() for p in params)
+        # Block sizes were taken at construction: ZeRO-3 empties the tensors it partitions later.
+        trained = set(self._always) | set(self.selection.selected)
+        return sum(self.blocks[b].numel for b in trained) / sum(block.numel for block in self.blocks)
 
     def _adam_optimizers(self) -> list[torch.optim.Optimizer]:
-        return list(self._per_tensor.values()) + ([self._inner] if self._inner is not None else [])
+        delegated = self._delegate() if self._delegate is not None else None
+        return list(self._per_tensor.values()) + [o for o in (self._inner, delegated) if o is not None]
 
     def state_numel(self) -> int:
         """Elements in Adam moment tensors right now (only the trained blocks have any)."""
@@ -127,6 +131,21 @@ class BlockLLM(torch.optim.Optimizer):
         if any(o.state for o in self._adam_optimizers()):
             raise RuntimeError("BlockLLM.rebind_parameters() after a step would drop the Adam state; call it before training")
         self._apply_selection(carry_state=False)
+
+    def delegate_update(self, live_optimizer: Callable[[], torch.optim.Optimizer | None]) -> None:
+        """Let a backend own the Adam update of the trained blocks (DeepSpeed's ZeRO optimizers must).
+
+        From then on ``step()`` only keeps the selection bookkeeping (visits, losses, scoring,
+        reselection and the ``on_reselect`` callbacks) and BlockLLM builds no AdamW of its own: the
+        backend builds one over ``trained_named_parameters()`` whenever the selection changes and
+        steps it. ``live_optimizer`` returns the optimizer the backend steps now, so ``state_numel``
+        and ``state_dtypes`` keep measuring the live state.
+        """
+        if self.config.variant == "masked" or self.config.step_in_backward:
+            raise ConfigError("variant='masked' and step_in_backward need BlockLLM to step itself; "
+                              "a backend that owns the update (DeepSpeed) supports neither")
+        self._delegate = live_optimizer
+        self._inner, self._inner_sources = None, []
 
     # ----- selection --------------------------------------------------------------------------
     def _choose_initial_blocks(self) -> None:
@@ -172,6 +191,8 @@ class BlockLLM(torch.optim.Optimizer):
             self.scorer.start([params[i] for i in hooked], [i in trained for i in hooked])
 
     def _rebuild_inner(self, trained: set[int], carry_state: bool) -> None:
+        if self._delegate is not None:
+            return  # the backend rebuilds its optimizer in an on_reselect callback
         if self.config.step_in_backward:
             self._rebuild_per_tensor(trained, carry_state)
             return
@@ -270,8 +291,8 @@ class BlockLLM(torch.optim.Optimizer):
             state.visits[b] += 1
         state.step += 1
         loss = self._take_step_loss()
-        if loss is not None:
-            state.losses.append(loss)
+        if loss is not None and state.step > 1:
+            state.losses.append(loss)  # step 0 selects unconditionally and starts H empty (Algorithm 1)
         if state.scoring:
             state.scoring = False
             self._select_from_norms(self.scorer.finish())
