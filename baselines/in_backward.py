@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+from blockllm_scale.states import copy_hyperparameters
+
 
 class StepInBackward(torch.optim.Optimizer):
     steps_in_backward = True
@@ -36,12 +38,8 @@ class StepInBackward(torch.optim.Optimizer):
     def _step_and_free(self, index: int):
         def hook(param: torch.Tensor) -> None:
             inner = self.inner[index]
-            lr = self.param_groups[index]["lr"]
             for group in inner.param_groups:
-                if torch.is_tensor(group["lr"]):  # torchao keeps the rate in a tensor
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
+                copy_hyperparameters(self.param_groups[index], group, ("lr",))
             inner.step()
             param.grad = None
 

@@ -37,6 +37,8 @@ CACHE_FORMAT = "tokens-v1"
 SYNTHETIC_ROWS = 1 << 16
 TEXT_SUFFIXES = {".txt", ".text"}
 JSON_SUFFIXES = {".json", ".jsonl"}
+# Pre-tokenized flat token arrays (.npy, or raw uint16 .bin), made with the tokenizer named by --tokenizer.
+TOKEN_SUFFIXES = {".npy", ".bin"}
 
 
 @dataclass
@@ -48,14 +50,21 @@ class DataConfig:
     text_field: str = "text"
     # 0: the tokenizer's size. GaLore's configs use 32000; any size >= the tokenizer's works with text data.
     vocab_size: int = 0
+    # Held-out token array for a pre-tokenized dataset (held-out documents); "": the tail eval_fraction of it.
+    eval_dataset: str = ""
 
     def __post_init__(self) -> None:
         for name in ("dataset", "tokenizer", "text_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"DataConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
         local = Path(self.dataset).expanduser()
-        if local.suffix in TEXT_SUFFIXES | JSON_SUFFIXES and not local.is_file():
+        if local.suffix in TEXT_SUFFIXES | JSON_SUFFIXES | TOKEN_SUFFIXES and not local.is_file():
             raise ValueError(f"DataConfig.dataset looks like a local file but does not exist: {self.dataset!r}")
+        if self.eval_dataset:
+            if local.suffix not in TOKEN_SUFFIXES:
+                raise ValueError(f"DataConfig.eval_dataset needs a pre-tokenized dataset (.npy/.bin), got {self.dataset!r}")
+            if Path(self.eval_dataset).suffix not in TOKEN_SUFFIXES or not Path(self.eval_dataset).expanduser().is_file():
+                raise ValueError(f"DataConfig.eval_dataset must be an existing .npy/.bin file, got {self.eval_dataset!r}")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"DataConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0.0 < self.eval_fraction < 1.0:
@@ -208,6 +217,26 @@ def _streamed_splits(cfg: DataConfig, tokenizer) -> tuple[PackedStream, PackedSt
                               tokenizer, cfg.seq_len, cfg.text_field) for split in ("train", "validation"))
 
 
+def _pretokenized_splits(cfg: DataConfig, vocab_size: int) -> tuple[TokenArrayDataset, TokenArrayDataset]:
+    """Train rows from the token array cfg.dataset; eval rows from cfg.eval_dataset, else from its tail."""
+    train = TokenArrayDataset(Path(cfg.dataset).expanduser(), cfg.seq_len)
+    if cfg.eval_dataset:
+        held_out = TokenArrayDataset(Path(cfg.eval_dataset).expanduser(), cfg.seq_len)
+    else:
+        n_eval = int(round(len(train.tokens) * cfg.eval_fraction))
+        held_out = TokenArrayDataset(train.tokens[len(train.tokens) - n_eval:], cfg.seq_len)
+        train = TokenArrayDataset(train.tokens[: len(train.tokens) - n_eval], cfg.seq_len)
+    for name, split in (("dataset", train), ("eval split", held_out)):
+        if len(split) == 0:
+            raise ValueError(f"{cfg.dataset}: the {name} has fewer than seq_len={cfg.seq_len} tokens")
+        # An array made with another tokenizer would index past the embedding (a CUDA assert, far from here).
+        top = int(split.tokens.max())
+        if top >= vocab_size:
+            raise ValueError(f"{cfg.dataset}: the {name} holds token id {top}, outside the model's vocabulary of "
+                             f"{vocab_size}: was it tokenized with --tokenizer {cfg.tokenizer}?")
+    return train, held_out
+
+
 def build_datasets(cfg: DataConfig, cache_dir: str | os.PathLike | None = None):
     """(train, eval) for cfg: TokenArrayDatasets for finite sources, PackedStreams for hub datasets."""
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -216,6 +245,8 @@ def build_datasets(cfg: DataConfig, cache_dir: str | os.PathLike | None = None):
         # Separate seeds: no eval row repeats a train row.
         return (SyntheticTokens(SYNTHETIC_ROWS, cfg.seq_len, vocab, seed=0),
                 SyntheticTokens(SYNTHETIC_ROWS // 64, cfg.seq_len, vocab, seed=1))
+    if Path(cfg.dataset).suffix in TOKEN_SUFFIXES:
+        return _pretokenized_splits(cfg, model_vocab_size(cfg, tokenizer))
     if cfg.dataset != "shakespeare" and not Path(cfg.dataset).expanduser().is_file():
         return _streamed_splits(cfg, tokenizer)
     if cfg.dataset == "shakespeare":

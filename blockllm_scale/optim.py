@@ -68,6 +68,7 @@ class BlockLLM(torch.optim.Optimizer):
         self._per_tensor: dict[int, torch.optim.Optimizer] = {}
         self._step_hooks: list = []
         self._masks: dict[int, torch.Tensor] = {}
+        self._scored: list[int] = []  # flat indices of the tensors the scorer is measuring
         self._pending_losses: list[float] = []
         self._warned_no_loss = False
         # Set by delegate_update: returns the optimizer a backend (DeepSpeed) steps for us.
@@ -161,7 +162,10 @@ class BlockLLM(torch.optim.Optimizer):
         numels = [self.blocks[b].numel for b in self._candidates]
         return [self._candidates[i] for i in sel.greedy_select(candidate_order, numels, self.budget)]
 
-    def _select_from_norms(self, param_norms: list[float]) -> None:
+    def _select_from_norms(self, scored_norms: list[float]) -> None:
+        param_norms = [0.0] * len(self._names)  # tensors never scored (embeddings="never") stay at 0
+        for index, norm in zip(self._scored, scored_norms):
+            param_norms[index] = norm
         block_norms = [sum(param_norms[i] ** 2 for i in self.blocks[b].members) ** 0.5 for b in self._candidates]
         visits = [self.selection.visits[b] for b in self._candidates]
         order = sel.rank_by_score(block_norms, visits, use_visits=self.config.strategy == "norm_over_visits")
@@ -187,8 +191,8 @@ class BlockLLM(torch.optim.Optimizer):
         self._masks = {i: m for i, m in self._masks.items() if i in trained}
         self._rebuild_inner(trained, carry_state)
         if scoring:
-            hooked = sorted(trained | candidates)
-            self.scorer.start([params[i] for i in hooked], [i in trained for i in hooked])
+            self._scored = sorted(trained | candidates)
+            self.scorer.start([params[i] for i in self._scored], [i in trained for i in self._scored])
 
     def _rebuild_inner(self, trained: set[int], carry_state: bool) -> None:
         if self._delegate is not None:

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from baselines import BASELINE_SECTIONS, BASELINES, BadamConfig, GaloreConfig  #
 from blockllm_scale import BlockLLM, BlockLLMConfig  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
 from blockllm_scale.checkpoint import resolve_resume, restore_rng_states, rng_states, save_checkpoint  # noqa: E402
+from blockllm_scale.integrations.accelerate import launched_by_accelerate  # noqa: E402
 from blockllm_scale.data import DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size  # noqa: E402
 from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity  # noqa: E402
 from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
@@ -63,6 +65,8 @@ class TrainConfig:
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at the end); 0: never"})
     eval_batches: int = field(default=8, metadata={"help": "held-out micro-batches per evaluation"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (and at the end); 0: only at --stop_at_step"})
+    time_budget: float = field(default=0.0, metadata={"help": "seconds for this invocation: past them, stop with a "
+                                                       "checkpoint (--resume auto continues); 0: no limit"})
     out_dir: str = field(default="runs/default", metadata={"help": "metrics.jsonl and checkpoints/ go here"})
     resume: str = field(default="", metadata={"help": "'auto' (newest in --out_dir) or a checkpoint directory"})
     seed: int = field(default=0, metadata={"help": "model init, data order and BlockLLM's random choices"})
@@ -75,7 +79,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stop_at_step", "warmup_steps", "eval_every", "save_every"):
+        for name in ("stop_at_step", "warmup_steps", "eval_every", "save_every", "time_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.model not in MODEL_SIZES:
@@ -130,7 +134,7 @@ def make_backend(train: TrainConfig):
     if kind == "auto":
         if train.ds_config:
             kind = "deepspeed"
-        elif os.environ.get("ACCELERATE_MIXED_PRECISION") is not None:  # set by `accelerate launch`
+        elif launched_by_accelerate():  # ACCELERATE_* variables set by `accelerate launch`
             kind = "accelerate"
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("several processes were launched: choose --backend fsdp2, --ds_config or accelerate launch")
@@ -199,10 +203,13 @@ def evaluate(backend, model, eval_set, train: TrainConfig) -> float:
 
 def train_loop(sections: dict) -> list[float]:
     """Run training; returns the per-step losses of this run (the tests compare them)."""
+    started = time.monotonic()  # --time_budget counts from here
     train, data, blockllm_cfg = sections["train"], sections["data"], sections["blockllm"]
     if blockllm_cfg.step_in_backward and (train.grad_accum > 1 or train.backend not in ("auto", "plain") or train.ds_config):
         raise ConfigError("--step_in_backward steps inside backward: it needs the plain backend and --grad_accum 1")
     backend = make_backend(train)
+    if hasattr(backend, "resolve_settings"):  # --ds_config: the JSON's batch sizes, bf16 and "blockllm" section
+        train, blockllm_cfg = backend.resolve_settings(train, blockllm_cfg)
     torch.manual_seed(train.seed)
     tokenizer = load_tokenizer(data.tokenizer)
     train_set, eval_set = build_datasets(data)
@@ -212,6 +219,9 @@ def train_loop(sections: dict) -> list[float]:
         # Non-reentrant: with reentrant checkpointing and frozen inputs no gradient reaches the
         # selected layers (integration notes).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 also makes the embedding output require grad (reentrant checkpointing needs
+        # that), so backward would run through every frozen layer below the selected ones.
+        model.disable_input_require_grads()
     model.to(backend.device)
     optimizer = build_optimizer(train, blockllm_cfg, model, sections)
     check_steps_in_backward(optimizer, train, backend)
@@ -229,7 +239,7 @@ def train_loop(sections: dict) -> list[float]:
     log = MetricsLog(train.out_dir, enabled=backend.rank == 0)
     if backend.rank == 0:
         where = f"resuming {checkpoint} at step {start_step}" if checkpoint else "starting fresh"
-        print(f"[pretrain] {train.optimizer} on LLaMA-{train.model} ({sum(p.numel() for p in model.parameters()):,} params), "
+        print(f"[pretrain] {train.optimizer} on LLaMA-{train.model} ({sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} params), "
               f"backend {type(backend).__name__}, world {backend.world_size}, {where}; metrics: {log.path}", flush=True)
 
     batches = make_batches(train_set, train.batch_size, seed=train.seed, rank=backend.rank,
@@ -247,7 +257,7 @@ def train_loop(sections: dict) -> list[float]:
                 blockllm.record_loss(loss)
             backend.backward(loss, train.grad_accum)
             micro_losses.append(loss.detach().float().item())
-        lr = scheduler.get_last_lr()[0]
+        lr = float(scheduler.get_last_lr()[0])  # a tensor for optimizers that keep it in one (torchao)
         backend.step()
         tokens_seen += tokens_per_step
         step_loss = backend.all_reduce_mean(sum(micro_losses) / len(micro_losses))
@@ -264,8 +274,17 @@ def train_loop(sections: dict) -> list[float]:
         log.write(record)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (train.save_every and done % train.save_every == 0) or (done == stop and (train.save_every or train.stop_at_step)):
+        # Every rank must agree to stop, or the checkpoint's barriers would hang.
+        out_of_time = bool(train.time_budget) and done < stop and backend.all_reduce_mean(
+            float(time.monotonic() - started > train.time_budget)) > 0
+        if (train.save_every and done % train.save_every == 0) or out_of_time or (
+                done == stop and (train.save_every or train.stop_at_step)):
             save_checkpoint(backend, train.out_dir, done, {"step": done, "tokens_seen": tokens_seen, "rng": rng_states()})
+        if out_of_time:
+            if backend.rank == 0:
+                print(f"[pretrain] --time_budget {train.time_budget:g}s spent: stopped at step {done} of {stop} with a "
+                      "checkpoint; --resume auto continues", flush=True)
+            break
     progress.close()
     return losses
 
@@ -273,7 +292,9 @@ def train_loop(sections: dict) -> list[float]:
 def _progress_bar(start: int, stop: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=stop, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+    # An explicit disable= overrides tqdm's own TQDM_DISABLE variable, so honour it here.
+    disable = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(total=stop, initial=start, disable=disable, unit="step", dynamic_ncols=True)
 
 
 def main(argv: list[str] | None = None) -> None:

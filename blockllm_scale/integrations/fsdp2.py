@@ -38,11 +38,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Iterable
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -67,24 +70,28 @@ def init_mesh(device_type: str | None = None) -> DeviceMesh:
     return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: the classes a HF model lists in ``_no_split_modules``."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+def decoder_layers(model: nn.Module, class_names: Iterable[str] | None = None) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: modules of the named classes (default: the classes a
+    HF model lists in ``_no_split_modules``, e.g. LlamaDecoderLayer)."""
+    names = set(class_names or getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found (no _no_split_modules); shard it yourself")
+        raise ValueError(f"{type(model).__name__}: no module of class {', '.join(sorted(names)) or '(none given)'} "
+                         "to shard per layer")
     return layers
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None,
-                reshard_after_forward: bool = True, example_inputs: dict | None = None) -> nn.Module:
-    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, head).
+                reshard_after_forward: bool = True, example_inputs: dict | None = None,
+                layer_classes: Iterable[str] | None = None) -> nn.Module:
+    """``fully_shard`` each decoder layer (see :func:`decoder_layers`), then the root (embeddings,
+    final norm, head).
 
     ``example_inputs`` (default: a HF model's ``dummy_inputs``) feed one no-grad forward that runs
     FSDP2's lazy init while every parameter is trainable (the mixed-precision trap above).
     """
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model, layer_classes):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     _lazy_init_all_trainable(model, example_inputs, torch.device(mesh.device_type, _local_device_index(mesh)))
@@ -103,8 +110,9 @@ def _lazy_init_all_trainable(model: nn.Module, example_inputs: dict | None, devi
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for param, _ in flags:
         param.requires_grad_(True)
-    try:
-        model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+    try:  # fork_rng: a model with dropout must not draw random numbers a run without FSDP2 would not
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
@@ -178,12 +186,22 @@ def load_dcp(directory: str | Path, model: nn.Module, optimizer: torch.optim.Opt
     state = {"model": get_model_state_dict(model)}
     adams = _adams_of(optimizer)
     if adams:
-        state["optim"] = get_optimizer_state_dict(model, adams)  # allocates the state to read into
+        # get_optimizer_state_dict allocates state for every trained tensor (by a zero-lr step);
+        # a block selected just before the save had none yet, and must have none after the load.
+        state["optim"] = _saved_entries_only(get_optimizer_state_dict(model, adams), directory / "dcp")
     dcp.load(state, checkpoint_id=str(directory / "dcp"))
     set_model_state_dict(model, state["model"])
     if adams:
-        set_optimizer_state_dict(model, adams, state["optim"])
+        # strict=False: tensors without saved state keep none (load_state_dict replaces the placeholders)
+        set_optimizer_state_dict(model, adams, state["optim"], options=StateDictOptions(strict=False))
     return extra
+
+
+def _saved_entries_only(optim_state: dict, checkpoint: Path) -> dict:
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    optim_state["state"] = {fqn: entry for fqn, entry in optim_state["state"].items()
+                            if all(f"optim.state.{fqn}.{key}" in saved for key in entry)}
+    return optim_state
 
 
 class FSDP2Backend:
@@ -193,9 +211,11 @@ class FSDP2Backend:
     all-gathered weights and compute, gradients reduced in fp32.
     """
 
-    def __init__(self, train, mesh: DeviceMesh | None = None):
+    def __init__(self, train, mesh: DeviceMesh | None = None, reshard_after_forward: bool = True,
+                 layer_classes: Iterable[str] | None = None):
         self.train = train
         self.mesh = mesh or init_mesh()
+        self.reshard_after_forward, self.layer_classes = reshard_after_forward, layer_classes
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(self.mesh.device_type, _local_device_index(self.mesh) or 0) \
             if self.mesh.device_type == "cuda" else torch.device("cpu")
@@ -215,11 +235,11 @@ class FSDP2Backend:
         names_before = {id(p): n for n, p in model.named_parameters()}
         if self.train.dtype == "bf16":
             model.float()  # fp32 master weights; the policy casts to bf16 for compute
-        model = shard_model(model, self.mesh, self.mixed_precision())
+        model = shard_model(model, self.mesh, self.mixed_precision(), self.reshard_after_forward,
+                            layer_classes=self.layer_classes)
         rebind_optimizer(optimizer, names_before, model)
         if isinstance(optimizer, BlockLLM):
             optimizer.scorer.reduce_grad = None  # FSDP2 already averaged the gradients
-            optimizer.reduce_loss = mean_over_ranks
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model, optimizer, scheduler
 

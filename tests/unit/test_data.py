@@ -276,3 +276,46 @@ def test_shipped_corpus_is_the_documented_size():
     text = SHIPPED_CORPUS.read_text(encoding="utf-8")
     assert len(text.encode("utf-8")) <= 5_000_000
     assert text.count("\n\n\n") == N_SHIPPED_PLAYS - 1
+
+
+# --- pre-tokenized arrays (the reproduction's corpus) ----------------------------------------------
+
+
+def write_token_arrays(tmp_path, n_train: int = 64 * 12, n_eval: int = 64 * 3, top: int = 8191):
+    train, held_out = np.arange(n_train, dtype=np.uint16) % (top + 1), np.full(n_eval, top, dtype=np.uint16)
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "eval.npy", held_out)
+    return tmp_path / "train.npy", tmp_path / "eval.npy"
+
+
+def test_pretokenized_dataset_evaluates_on_its_held_out_array(tmp_path):
+    train_path, eval_path = write_token_arrays(tmp_path)
+    train, held_out = build_datasets(DataConfig(dataset=str(train_path), eval_dataset=str(eval_path), seq_len=64))
+    assert len(train) == 12 and len(held_out) == 3  # every train row kept: nothing is carved off for eval
+    assert torch.equal(train[11]["input_ids"], torch.arange(11 * 64, 12 * 64))
+    assert set(torch.cat([held_out[i]["input_ids"] for i in range(3)]).tolist()) == {8191}
+    assert isinstance(train.tokens, np.memmap)  # memory-mapped, not read into each process
+
+
+def test_pretokenized_dataset_without_held_out_array_holds_out_its_tail(tmp_path):
+    train_path, _ = write_token_arrays(tmp_path, n_train=64 * 20)
+    train, held_out = build_datasets(DataConfig(dataset=str(train_path), seq_len=64, eval_fraction=0.1))
+    assert len(train) == 18 and len(held_out) == 2
+    assert torch.equal(held_out[0]["input_ids"], torch.arange(18 * 64, 19 * 64))
+
+
+def test_pretokenized_ids_outside_the_vocabulary_name_the_tokenizer(tmp_path):
+    # The shipped tokenizer has 8192 tokens; an array made with a 32000-token BPE must not reach the model.
+    train_path, eval_path = write_token_arrays(tmp_path, top=31999)
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 8192.*--tokenizer shipped"):
+        build_datasets(DataConfig(dataset=str(train_path), eval_dataset=str(eval_path), seq_len=64))
+
+
+@pytest.mark.parametrize("dataset, eval_dataset", [("shakespeare", "EVAL"), ("TRAIN", "no/such/eval.npy"),
+                                                   ("TRAIN", "TRAIN_TXT")])
+def test_bad_eval_dataset_names_the_field(tmp_path, dataset, eval_dataset):
+    train_path, eval_path = write_token_arrays(tmp_path)
+    (tmp_path / "train.txt").write_text("text")
+    paths = {"TRAIN": str(train_path), "EVAL": str(eval_path), "TRAIN_TXT": str(tmp_path / "train.txt")}
+    with pytest.raises(ValueError, match="DataConfig.eval_dataset"):
+        DataConfig(dataset=paths.get(dataset, dataset), eval_dataset=paths.get(eval_dataset, eval_dataset))

@@ -679,3 +679,21 @@ def test_scheduler_lr_reaches_the_inner_adamw():
         sched.step()
         opt.zero_grad()
     assert fresh_checks >= 3
+
+
+def test_embeddings_never_are_neither_scored_nor_trained():
+    # Regression: the scorer measures only candidates, and its norms must map back to the right
+    # tensors when some tensors (never-trained embeddings) are not scored at all.
+    model = tiny_llama()
+    opt = BlockLLM(model.named_parameters(), sparsity=0.5, patience=1, embeddings="never")
+    embeddings = {n: p.detach().clone() for n, p in model.named_parameters() if sel.is_embedding(n)}
+    for step in range(6):
+        loss = lm_loss(model, batch(step))
+        loss.backward()
+        opt.record_loss(loss)
+        opt.step()
+        opt.zero_grad()
+    assert opt.selection.reselections >= 2
+    chosen = {opt.blocks[b].name for b in opt.selection.selected}
+    assert chosen and not any(sel.is_embedding(name) for name in chosen)
+    assert all(torch.equal(p.detach(), embeddings[n]) for n, p in model.named_parameters() if n in embeddings)

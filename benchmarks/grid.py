@@ -1,0 +1,183 @@
+"""What one benchmark configuration is, how the launcher is called for it, and the grids built from the
+command line (``--optimizers ... --models ... --backends ...``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .memory_model import BACKENDS
+
+REPO = Path(__file__).resolve().parent.parent
+# 8-bit twin of each optimizer for the grid's 8-bit axis (BlockLLM gets --states instead).
+EIGHT_BIT = {"adamw": "adamw8bit", "galore": "galore8bit"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration: one launcher process.
+
+    label: the optimizer as tables show it ("blockllm s=0.9 8-bit"); flags: extra launcher flags as
+    (name, value) pairs, value "true"/"false" for switches; optional: flags passed only when the
+    launcher knows them (dropped with a note otherwise, e.g. a feature not merged yet).
+    steps: optimizer steps; warmup: leading steps left out of the tokens/s statistics.
+    """
+
+    label: str
+    optimizer: str
+    model: str
+    batch_size: int
+    backend: str = "plain"
+    checkpointing: bool = False
+    seq_len: int = 256
+    dtype: str = "bf16"
+    steps: int = 10
+    warmup: int = 3
+    flags: tuple[tuple[str, str], ...] = ()
+    optional: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"{self.label}: need 0 <= warmup < steps, got warmup {self.warmup}, steps {self.steps}")
+
+    @property
+    def key(self) -> str:
+        """Stable identity in the results file: a configuration already there is not run again."""
+        ckpt = "ckpt" if self.checkpointing else "nockpt"
+        return (f"{self.label}|{self.model}|{self.backend}|{ckpt}|b{self.batch_size}|seq{self.seq_len}|{self.dtype}"
+                f"|steps{self.steps}")
+
+    def settings(self) -> dict:
+        """Every launcher setting of this configuration, by flag name (for the memory model)."""
+        return {"optimizer": self.optimizer, "model": self.model, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "dtype": self.dtype, "checkpointing": self.checkpointing, "backend": self.backend, "steps": self.steps,
+                **dict(self.optional), **dict(self.flags)}
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "flags": dict(self.flags), "optional": dict(self.optional)}
+
+
+def launcher_flags() -> dict[str, str]:
+    """Every flag launch/pretrain.py accepts -> its type name ("int", "bool", ...)."""
+    from launch.pretrain import CONFIG_SECTIONS
+
+    return {f.name: str(f.type) for cls, skipped in CONFIG_SECTIONS.values()
+            for f in dataclasses.fields(cls) if f.name not in skipped}
+
+
+def unavailable_reason(spec: RunSpec, known: dict[str, str]) -> str | None:
+    """Why this configuration cannot run in this checkout (None: it can)."""
+    from baselines import BASELINES
+
+    if spec.optimizer != "blockllm" and spec.optimizer not in BASELINES:
+        return f"no optimizer {spec.optimizer!r} in this checkout"
+    unknown = [name for name, _ in spec.flags if name not in known]
+    if unknown:
+        return f"the launcher has no --{unknown[0]}"
+    if spec.backend.startswith("zero"):
+        if not (REPO / "blockllm_scale/integrations/deepspeed.py").is_file():
+            return "no DeepSpeed backend yet (blockllm_scale/integrations/deepspeed.py)"
+        if not ds_config(spec.backend).is_file():
+            return f"no {ds_config(spec.backend).relative_to(REPO)}"
+        if importlib.util.find_spec("deepspeed") is None:
+            return "deepspeed is not installed"
+    if spec.backend == "fsdp2" and not (REPO / "blockllm_scale/integrations/fsdp2.py").is_file():
+        return "no FSDP2 backend yet (blockllm_scale/integrations/fsdp2.py)"
+    return None
+
+
+def ds_config(backend: str) -> Path:
+    return REPO / "configs" / "ds" / f"{backend}.json"
+
+
+def ds_config_for(spec: RunSpec, out_dir: str, gpus: int) -> Path:
+    """configs/ds/<stage>.json with this configuration's batch size and precision, written into the run's
+    directory. Its "blockllm" section is left out: the flags set BlockLLM (the launcher refuses a flag that
+    contradicts the JSON)."""
+    config = json.loads(ds_config(spec.backend).read_text())
+    config.pop("blockllm", None)
+    config.update(train_micro_batch_size_per_gpu=spec.batch_size, gradient_accumulation_steps=1,
+                  train_batch_size=spec.batch_size * gpus)
+    config["bf16"] = {**config.get("bf16", {}), "enabled": spec.dtype == "bf16"}
+    if "fp16" in config:
+        config["fp16"] = {**config["fp16"], "enabled": False}
+    path = Path(out_dir) / f"{spec.backend}.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def launcher_command(spec: RunSpec, out_dir: str, known: dict[str, str], device: str,
+                     gpus: int) -> tuple[list[str], list[str]]:
+    """(argv, notes): the launcher process for ``spec``; notes say which optional flags were dropped.
+    ZeRO runs get their DeepSpeed JSON written into ``out_dir`` (ds_config_for)."""
+    from blockllm_scale.models import MODEL_SIZES
+
+    script = str(REPO / "launch" / "pretrain.py")
+    if spec.backend == "plain":
+        argv = [sys.executable, script, "--backend", "plain"] + (["--device", device] if device else [])
+    else:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", script]
+        argv += (["--ds_config", str(ds_config_for(spec, out_dir, gpus))] if spec.backend.startswith("zero")
+                 else ["--backend", "fsdp2"])
+    values = {"optimizer": spec.optimizer, "model": spec.model, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+              "dtype": spec.dtype, "steps": spec.steps, "activation_checkpointing": str(spec.checkpointing).lower(),
+              "dataset": "synthetic", "vocab_size": MODEL_SIZES[spec.model]["vocab_size"], "eval_every": 0,
+              "out_dir": out_dir}
+    notes = [f"--{name} dropped: the launcher has no such flag" for name, _ in spec.optional if name not in known]
+    if spec.backend.startswith("zero"):
+        notes.append(f"configs/ds/{spec.backend}.json with this batch size and precision, without its blockllm section")
+    values.update({name: value for name, value in spec.optional if name in known})
+    values.update(dict(spec.flags))
+    for name, value in values.items():
+        if known.get(name) == "bool":
+            argv.append(f"--{name}" if str(value).lower() == "true" else f"--no-{name}")
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv, notes
+
+
+def parse_optimizer(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """"blockllm:sparsity=0.9,states=bnb_8bit" -> ("blockllm", (("sparsity", "0.9"), ("states", "bnb_8bit")))."""
+    name, _, rest = text.partition(":")
+    flags = []
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[a-z_0-9]+", key):
+            raise ValueError(f"optimizer spec {text!r}: expected name:flag=value,flag=value")
+        flags.append((key, value))
+    return name, tuple(flags)
+
+
+def grid(optimizers, models, backends, checkpointing, eight_bit, batch_sizes, seq_len=256, dtype="bf16",
+         steps=10, warmup=3) -> list[RunSpec]:
+    """The cross product; the 8-bit axis maps AdamW/GaLore to their 8-bit twins and gives BlockLLM
+    8-bit states (torchao under FSDP2, where bitsandbytes cannot go). Duplicates are dropped."""
+    specs: dict[str, RunSpec] = {}
+    for text, model, backend, ckpt, low, batch in itertools.product(optimizers, models, backends, checkpointing,
+                                                                     eight_bit, batch_sizes):
+        name, flags = parse_optimizer(text)
+        label = text
+        if low and name == "blockllm" and "states" not in dict(flags):
+            flags += (("states", "torchao_8bit" if backend == "fsdp2" else "bnb_8bit"),)
+            label = f"{text} 8-bit"
+        elif low and name in EIGHT_BIT:
+            name, label = EIGHT_BIT[name], text.replace(name, EIGHT_BIT[name], 1)
+        spec = RunSpec(label, name, model, batch, backend, ckpt, seq_len, dtype, steps, warmup, flags)
+        specs.setdefault(spec.key, spec)
+    return list(specs.values())
+
+
+def select(specs: list[RunSpec], only: list[str]) -> list[RunSpec]:
+    """Keep specs whose key contains, for every --only, one of its comma-separated substrings."""
+    def matches(spec: RunSpec) -> bool:
+        return all(any(part in spec.key for part in pattern.split(",")) for pattern in only)
+
+    return [spec for spec in specs if matches(spec)]

@@ -1,0 +1,102 @@
+"""The named grids: the configurations issues 4, 5 and 6 ask to measure, and a CPU smoke grid.
+
+BlockLLM runs are long enough (200 steps, patience 50) to include a few reselections, whose scoring
+steps run backward through the whole model: the run-mean tokens/s counts them, the median does not.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .grid import RunSpec
+from .memory_model import llama_tensors, model_shape
+
+BLOCKLLM_STEPS = 200
+# Used when the launcher has it (BlockLLMConfig.step_in_backward): the 7B <= 15 GiB recipe.
+IN_BACKWARD = (("step_in_backward", "true"),)
+STATES_8BIT = (("states", "bnb_8bit"),)
+
+
+def badam_shape_sparsity(model: str) -> float:
+    """The sparsity whose budget is one decoder layer when embeddings are not candidates (rounded up
+    at the 6th decimal, so the budget never exceeds one layer and greedy selection takes just one)."""
+    tensors = llama_tensors(model_shape(model))
+    layer = sum(t.numel for t in tensors if t.layer == 0)
+    candidates = sum(t.numel for t in tensors if not t.embedding)
+    return math.ceil((1 - layer / candidates) * 1e6) / 1e6
+
+
+def issue6_7b() -> list[RunSpec]:
+    """LLaMA-7B, GaLore's config, batch 4, seq 256, checkpointing, pure bf16: every peer beside BlockLLM."""
+    common = dict(model="7b", batch_size=4, checkpointing=True)
+    s = badam_shape_sparsity("7b")
+    layers = model_shape("7b").layers
+    return [
+        RunSpec("adamw", "adamw", **common),
+        RunSpec("adamw8bit", "adamw8bit", **common),
+        RunSpec("torchao_adamw8bit", "torchao_adamw8bit", **common),
+        RunSpec("torchao_adamw4bit", "torchao_adamw4bit", **common),
+        # GaLore's README recipe for 7B on one GPU.
+        RunSpec("galore8bit_layerwise r1024", "galore8bit_layerwise", **common,
+                flags=(("rank", "1024"), ("update_proj_gap", "500"))),
+        RunSpec("badam", "badam", **common),  # the top layer throughout (switch every 50)
+        # Through every layer once, 4 steps each (BAdam's switch costs a gc.collect, so not every step):
+        # the run mean weighs every backward depth alike, as a long run does.
+        RunSpec("badam all layers", "badam", **common, steps=4 * layers + 3, flags=(("switch_block_every", "4"),)),
+        RunSpec("blockllm s=0.9 8-bit", "blockllm", **common, steps=BLOCKLLM_STEPS,
+                flags=(("sparsity", "0.9"),) + STATES_8BIT, optional=IN_BACKWARD),
+        RunSpec("blockllm s=0.9 8-bit emb=candidate", "blockllm", **common, steps=BLOCKLLM_STEPS,
+                flags=(("sparsity", "0.9"), ("embeddings", "candidate")) + STATES_8BIT, optional=IN_BACKWARD),
+        RunSpec("blockllm BAdam's shape 8-bit", "blockllm", **common, steps=BLOCKLLM_STEPS,
+                flags=(("sparsity", str(s)), ("embeddings", "never"), ("granularity", "layer")) + STATES_8BIT,
+                optional=IN_BACKWARD),
+    ]
+
+
+def issue6_1b() -> list[RunSpec]:
+    """LLaMA-1B, batch 16, no checkpointing: AdamW's peak against BlockLLM s = 0.9."""
+    common = dict(model="1b", batch_size=16, checkpointing=False)
+    blockllm = dict(steps=BLOCKLLM_STEPS, optional=IN_BACKWARD)
+    return [
+        RunSpec("adamw", "adamw", **common),
+        RunSpec("blockllm s=0.9", "blockllm", **common, **blockllm, flags=(("sparsity", "0.9"),)),
+        RunSpec("blockllm s=0.9 8-bit", "blockllm", **common, **blockllm, flags=(("sparsity", "0.9"),) + STATES_8BIT),
+        RunSpec("blockllm s=0.9 8-bit emb=never", "blockllm", **common, **blockllm,
+                flags=(("sparsity", "0.9"), ("embeddings", "never")) + STATES_8BIT),
+    ]
+
+
+def issue4_zero() -> list[RunSpec]:
+    """130M and 1B under ZeRO-1/2/3, bf16, checkpointing: BlockLLM s = 0.5 and 0.9 against AdamW."""
+    specs = []
+    for model in ("130m", "1b"):
+        for stage in (1, 2, 3):
+            common = dict(model=model, batch_size=16, checkpointing=True, backend=f"zero{stage}")
+            specs += [RunSpec("adamw", "adamw", **common)]
+            specs += [RunSpec(f"blockllm s={s}", "blockllm", **common, steps=BLOCKLLM_STEPS, flags=(("sparsity", s),))
+                      for s in ("0.5", "0.9")]
+    return specs
+
+
+def issue5_fsdp2() -> list[RunSpec]:
+    """1B under FSDP2, bf16, checkpointing: BlockLLM s = 0.9 (fp32 and torchao 8-bit states) against AdamW."""
+    common = dict(model="1b", batch_size=16, checkpointing=True, backend="fsdp2")
+    return [
+        RunSpec("adamw", "adamw", **common),
+        RunSpec("blockllm s=0.9", "blockllm", **common, steps=BLOCKLLM_STEPS, flags=(("sparsity", "0.9"),)),
+        RunSpec("blockllm s=0.9 8-bit", "blockllm", **common, steps=BLOCKLLM_STEPS,
+                flags=(("sparsity", "0.9"), ("states", "torchao_8bit"))),
+    ]
+
+
+def cpu_smoke() -> list[RunSpec]:
+    """Two tiny configurations for CPU tests: the whole pipeline in seconds (peak = process RSS)."""
+    common = dict(model="tiny", batch_size=2, seq_len=64, dtype="fp32", steps=4, warmup=1)
+    return [
+        RunSpec("adamw", "adamw", **common),
+        RunSpec("blockllm s=0.5", "blockllm", **common, flags=(("sparsity", "0.5"), ("patience", "2"))),
+    ]
+
+
+PRESETS = {"issue6-7b": issue6_7b, "issue6-1b": issue6_1b, "issue4-zero": issue4_zero, "issue5-fsdp2": issue5_fsdp2,
+           "cpu-smoke": cpu_smoke}

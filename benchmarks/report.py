@@ -1,0 +1,154 @@
+"""Markdown table and PNG plot of a results file (written by benchmarks/memory.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blockllm_scale.models import MODEL_SIZES
+
+SIZE_ORDER = {size: i for i, size in enumerate(MODEL_SIZES)}
+
+
+def measured_gib(entry: dict) -> tuple[float | None, bool]:
+    """(peak, on_gpu): peak allocated GPU memory, or the process's peak RSS on CPU."""
+    if entry.get("peak_allocated_gib") is not None:
+        return entry["peak_allocated_gib"], True
+    return entry.get("peak_rss_gib"), False
+
+
+def error_pct(entry: dict) -> float | None:
+    peak, on_gpu = measured_gib(entry)
+    if not on_gpu or peak is None or entry.get("status") != "ok" or not entry.get("predicted_gib"):
+        return None
+    return 100 * (entry["predicted_gib"] - peak) / peak
+
+
+def group_key(entry: dict) -> tuple:
+    spec = entry["spec"]
+    return (SIZE_ORDER.get(spec["model"], 99), spec["model"], spec["backend"], spec["checkpointing"], spec["batch_size"])
+
+
+def ordered(entries: list[dict]) -> list[dict]:
+    return sorted(entries, key=group_key)  # stable: the grid's order within a group
+
+
+def _fmt(value, digits=2) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def notes(entry: dict) -> str:
+    parts = [entry["reason"].splitlines()[-1][:160]] if entry.get("reason") else []
+    parts += entry.get("notes", [])
+    if "selected_fraction" in entry:
+        parts.append(f"trained {entry['selected_fraction']:.3f} of params, {entry.get('reselections', 0)} reselections")
+    if entry.get("predicted_phase"):
+        parts.append(f"predicted peak in {entry['predicted_phase']}")
+    return "; ".join(parts).replace("|", "/")
+
+
+def table(entries: list[dict]) -> list[str]:
+    on_gpu = any(measured_gib(e)[1] for e in entries)
+    peak_name = "peak alloc GiB" if on_gpu else "peak RSS GiB"
+    lines = [f"| optimizer | model | backend | ckpt | batch | status | {peak_name} | reserved GiB | predicted GiB | error "
+             "| tok/s median | tok/s run mean | final loss | steps | notes |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for e in ordered(entries):
+        spec, err = e["spec"], error_pct(e)
+        lines.append(" | ".join([
+            f"| {spec['label']}", spec["model"], spec["backend"], "on" if spec["checkpointing"] else "off",
+            str(spec["batch_size"]), e["status"], _fmt(measured_gib(e)[0]), _fmt(e.get("peak_reserved_gib")),
+            _fmt(e.get("predicted_gib")), "" if err is None else f"{err:+.1f}%", _fmt(e.get("tokens_per_s_median"), 0),
+            _fmt(e.get("tokens_per_s_mean"), 0), _fmt(e.get("final_loss"), 3), str(e.get("steps_done", "")),
+            notes(e)]) + " |")
+    return lines
+
+
+def markdown(data: dict) -> str:
+    lines = [f"# Memory benchmark: {data['name']}", ""]
+    for i, inv in enumerate(data["invocations"]):
+        libs = ", ".join(f"{k} {v}" for k, v in inv["versions"].items())
+        lines += [f"- run {i} ({inv['started']}): {inv['device']}; commit `{inv['git_commit']}`; "
+                  f"measured: {inv['measured']}", f"  - command: `{inv['command']}`", f"  - versions: {libs}"]
+    lines += ["", "Synthetic tokens; vocabulary as the size defines it (GaLore's 32000; tiny: 8192). tok/s median: "
+              "steps after warm-up; run mean: total tokens / total time of those steps (counts BlockLLM's scoring "
+              "steps). predicted: benchmarks/memory_model.py; error = (predicted - measured) / measured.", ""]
+    entries = data["results"]
+    return "\n".join(lines + (table(entries) if entries else ["No configuration has run yet."])) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = ordered(data["results"])
+    groups = list(dict.fromkeys(group_key(e) for e in entries))
+    labels = list(dict.fromkeys(e["spec"]["label"] for e in entries))
+    # Each group holds only its own bars, side by side around the group's tick.
+    members = {g: [e["spec"]["label"] for e in entries if group_key(e) == g] for g in groups}
+    widest = max((len(m) for m in members.values()), default=1)
+    fig, (mem_ax, tok_ax) = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(entries) + 2) + 3, 9))
+    width = 0.8 / widest
+    colors = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
+    for e in entries:
+        slots = members[group_key(e)]
+        x = groups.index(group_key(e)) + (slots.index(e["spec"]["label"]) - (len(slots) - 1) / 2) * width
+        peak, _ = measured_gib(e)
+        color = colors[e["spec"]["label"]]
+        if peak is not None:
+            mem_ax.bar(x - width / 4, peak, width / 2, color=color)
+        if e.get("predicted_gib"):
+            mem_ax.bar(x + width / 4, e["predicted_gib"], width / 2, color=color, alpha=0.35, hatch="//", edgecolor=color)
+        if e["status"] != "ok":
+            mem_ax.text(x, 0, e["status"], rotation=90, ha="center", va="bottom", fontsize=7)
+        if e.get("tokens_per_s_median"):
+            tok_ax.bar(x, e["tokens_per_s_median"], width * 0.9, color=color)
+            tok_ax.plot([x], [e["tokens_per_s_mean"]], "k.", markersize=6)
+    names = [f"{g[1]} {g[2]}\n{'ckpt' if g[3] else 'no ckpt'} b{g[4]}" for g in groups]
+    for ax in (mem_ax, tok_ax):
+        ax.set_xticks(range(len(groups)), names, fontsize=8)
+    on_gpu = any(measured_gib(e)[1] for e in entries)
+    mem_ax.set_ylabel("peak allocated GiB" if on_gpu else "peak RSS GiB (CPU)")
+    mem_ax.set_title(f"{data['name']}: measured (solid) and predicted (hatched) peak memory")
+    tok_ax.set_ylabel("tokens/s (bar: median, dot: run mean)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[label]) for label in labels]
+    mem_ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(data: dict, stem: Path) -> list[Path]:
+    """Write <stem>.md and <stem>.png (the plot only where matplotlib is installed: the GPU machine may
+    lack it; ``memory.py --report_only`` draws it later); returns the paths written."""
+    md, png = stem.with_suffix(".md"), stem.with_suffix(".png")
+    md.write_text(markdown(data))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [md]
+    plot(data, png)
+    return [md, png]
+
+
+def one_line(entry: dict) -> str:
+    peak, on_gpu = measured_gib(entry)
+    text = f"{entry['status']}"
+    if peak is not None:
+        text += f", peak {peak:.2f} GiB{'' if on_gpu else ' RSS'}"
+    if entry.get("predicted_gib"):
+        text += f" (predicted {entry['predicted_gib']:.2f})"
+    if entry.get("tokens_per_s_median"):
+        text += f", {entry['tokens_per_s_median']:,.0f} tok/s median, {entry['tokens_per_s_mean']:,.0f} run mean"
+    if entry.get("reason"):
+        text += f": {entry['reason'].splitlines()[-1][:200]}"
+    return text
+
+
+def listing(specs: list, results: list[dict], predicted: list[float | None]) -> str:
+    """One row per configuration: done or to do, its key, the predicted peak and any result's status."""
+    done = {r["key"]: r for r in results}
+    rows = [f"{'done' if s.key in done else 'todo':4s}  {s.key}  predicted {_fmt(gib)} GiB"
+            + (f"  [{one_line(done[s.key])}]" if s.key in done else "") for s, gib in zip(specs, predicted)]
+    return "\n".join(rows + [f"{sum(s.key in done for s in specs)} of {len(specs)} done"])

@@ -1,0 +1,68 @@
+"""BlockLLM in the Hugging Face ``Trainer``.
+
+    from blockllm_scale.integrations.hf import BlockLLMTrainer
+
+    trainer = BlockLLMTrainer(model=model, args=TrainingArguments(...), train_dataset=data,
+                              data_collator=causal_lm_collator,
+                              blockllm_settings={"sparsity": 0.9, "patience": 100})
+    trainer.train()                                    # later: trainer.train(resume_from_checkpoint=True)
+
+``blockllm_settings`` are :class:`~blockllm_scale.BlockLLMConfig` fields; lr, betas, eps and weight
+decay come from the ``TrainingArguments``, the LR schedule is the Trainer's own. A BlockLLM you built
+yourself works too: ``BlockLLMTrainer(..., optimizers=(BlockLLM(model.named_parameters(), ...), None))``.
+
+What the subclass adds to ``Trainer``: it hands every micro-batch's loss to ``record_loss`` (the
+patience rule needs it; the Trainer calls ``optimizer.step()`` without a loss). Checkpoints need
+nothing extra: the Trainer saves ``optimizer.state_dict()``, which carries the selection, and on
+resume calls ``load_state_dict``, which re-applies it (requires_grad flags included) before training
+continues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..optim import BlockLLM
+
+
+def causal_lm_collator(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack packed ``input_ids`` rows; the labels are the inputs (the model shifts them)."""
+    input_ids = torch.stack([row["input_ids"] for row in rows])
+    return {"input_ids": input_ids, "labels": input_ids}
+
+
+class BlockLLMTrainer(Trainer):
+    """``transformers.Trainer`` that trains with BlockLLM (see the module docstring)."""
+
+    def __init__(self, *args, blockllm_settings: dict[str, Any] | None = None, **kwargs):
+        self.blockllm_settings = dict(blockllm_settings or {})
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            args = self.args
+            model = model if model is not None else self.model
+            self.optimizer = BlockLLM(model.named_parameters(), lr=args.learning_rate,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                      weight_decay=args.weight_decay, **self.blockllm_settings)
+        return self.optimizer
+
+    @property
+    def blockllm(self) -> BlockLLM:
+        """The BlockLLM under accelerate's optimizer wrapper."""
+        optimizer = self.optimizer
+        while not isinstance(optimizer, BlockLLM):
+            if not hasattr(optimizer, "optimizer"):
+                raise TypeError(f"BlockLLMTrainer needs a BlockLLM optimizer, got {type(self.optimizer).__name__}")
+            optimizer = optimizer.optimizer
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The micro-batch loss as the Trainer reports it (possibly scaled for gradient
+        # accumulation: a constant factor, which the patience rule does not see).
+        self.blockllm.record_loss(loss)
+        return loss
