@@ -63,6 +63,17 @@ def state_numel(optimizer: torch.optim.Optimizer | None) -> int:
     return sum(t.numel() for t in _state_tensors(optimizer))
 
 
+def state_numel_by_dtype(optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Moment elements per storage dtype, e.g. {"torch.uint8": 1048576, "torch.float32": 8448}: shows
+    how much of an 8-bit setting fell back to fp32 (small tensors), besides the 8-bit codes' scales."""
+    found: dict[str, int] = {}
+    for t in _state_tensors(optimizer) if optimizer is not None else ():
+        inner = getattr(t, "codes", None)  # torchao keeps the 8-bit codes in .codes
+        key = str(inner.dtype if inner is not None else t.dtype)
+        found[key] = found.get(key, 0) + t.numel()
+    return found
+
+
 def state_dtypes(optimizer: torch.optim.Optimizer | None) -> set[str]:
     """Storage dtypes of the moment tensors, e.g. {"torch.float32"} or {"torch.uint8"}."""
     if optimizer is None:
