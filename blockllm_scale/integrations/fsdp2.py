@@ -58,6 +58,7 @@ from torch.distributed.tensor import DTensor
 from ..config import ConfigError
 from ..optim import BlockLLM
 from ..parallel import mean_over_ranks
+from .plain import PlainBackend
 
 
 def init_mesh(device_type: str | None = None) -> DeviceMesh:
@@ -204,8 +205,12 @@ def _saved_entries_only(optim_state: dict, checkpoint: Path) -> dict:
     return optim_state
 
 
-class FSDP2Backend:
+class FSDP2Backend(PlainBackend):
     """``--backend fsdp2`` under torchrun: the train loop's :class:`~blockllm_scale.integrations.Backend`.
+
+    Forward and backward are the plain backend's: every micro-batch is reduce-scattered (no
+    no_sync), since during a scoring step unsynced micro-batches would hold every layer's
+    unsharded gradient until the last one.
 
     ``--dtype bf16`` means FSDP2 mixed precision: fp32 sharded master weights and Adam state, bf16
     all-gathered weights and compute, gradients reduced in fp32.
@@ -243,19 +248,8 @@ class FSDP2Backend:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model, optimizer, scheduler
 
-    def forward(self, model, input_ids: torch.Tensor) -> torch.Tensor:
-        input_ids = input_ids.to(self.device, non_blocking=True)
-        return model(input_ids=input_ids, labels=input_ids).loss
-
-    def backward(self, loss: torch.Tensor, accumulation_steps: int) -> None:
-        # Every micro-batch is reduce-scattered (no no_sync): during a scoring step, unsynced
-        # micro-batches would hold every layer's unsharded gradient until the last one.
-        (loss / accumulation_steps).backward()
-
     def step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        super().step()
         if isinstance(self.optimizer, BlockLLM) and self.optimizer.config.states == "torchao_8bit":
             self._check_8bit_states()
 
