@@ -105,6 +105,12 @@ class BlockLLM(torch.optim.Optimizer):
         return [(n, p) for i, (n, p) in enumerate(zip(self._names, self._flat_params())) if i in trained]
 
     @property
+    def steps_in_backward(self) -> bool:
+        """True when the update happens inside backward (``step()`` only keeps the selection): the
+        launcher then refuses gradient accumulation and backends that own the gradients."""
+        return self.config.step_in_backward
+
+    @property
     def selected_fraction(self) -> float:
         """Share of all parameters handed to BlockLLM that this step trains."""
         # Block sizes were taken at construction: ZeRO-3 empties the tensors it partitions later.
