@@ -36,7 +36,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks import environment  # noqa: E402  (versions, commit, GPU name: shared with the memory suite)
 from benchmarks.reproduce import render, report  # noqa: E402
-from benchmarks.reproduce.render import ABLATIONS, FIGURE4, TABLE3  # noqa: E402
+from benchmarks.reproduce.render import ABLATIONS, FIGURE4, TABLE3, TABLE3_PPL  # noqa: E402
 
 COMMANDS = ("table3-memory", "table3-ppl", "figure4", "ablations", "all", "report")
 
@@ -147,7 +147,7 @@ def make_jobs(command: str, plan: Plan, args) -> list[Job]:
                 flags = [*common, *shape.split(), "--eval_every", "0",
                          *method_flags(method, size, plan, plan.memory_steps)]
                 jobs.append(Job(f"{size}-{method}", "memory", size, method, flags, plan.memory_steps))
-    train = {"table3-ppl": [(s, m) for s in args.sizes or plan.ppl_sizes for m in TABLE3],
+    train = {"table3-ppl": [(s, m) for s in args.sizes or plan.ppl_sizes for m in TABLE3_PPL],
              "figure4": [(plan.figure_size, m) for m in FIGURE4],
              "ablations": [(plan.figure_size, m) for m in ABLATIONS]}
     wanted = [pair for name, pairs in train.items() if command in (name, "all") for pair in pairs]
