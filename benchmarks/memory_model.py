@@ -20,7 +20,9 @@ phases (transient; the largest one counts)
   step        gradients held (n w; /W from ZeRO-2) + fp32 gradients (DeepSpeed, BAdam) + the step's
               temporaries (torch's foreach AdamW: one moment-sized buffer; torchao: fp32 moments of the
               largest tensor; GaLore 8-bit: an SVD of the largest projected weight in fp32)
-  scoring     BlockLLM's scoring step: full-depth activations (every candidate trainable) + one gradient
+  scoring     BlockLLM's scoring step: full-depth activations (every candidate trainable) + one gradient;
+              with checkpoint_scoring_steps (the launcher's default) the launcher recomputes activations
+              on scoring steps only, so without checkpointing this phase takes the checkpointed terms
 
 Activations per token and decoder layer (h hidden, i intermediate, a heads), counted with saved-tensor
 hooks on Hugging Face's LlamaForCausalLM (sdpa attention; tests/unit/test_benchmarks.py checks them):
@@ -45,7 +47,7 @@ above the prediction) and no allocator fragmentation (that is the reserved memor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from blockllm_scale.selection import selection_budget
 
@@ -126,6 +128,7 @@ class Setup:
     embeddings: str = "always"
     strategy: str = "norm_over_visits"
     step_in_backward: bool = False
+    checkpoint_scoring_steps: bool = True  # the launcher's default: scoring steps recompute activations
     rank: int = 128  # GaLore
     switch_block_every: int = 50  # BAdam
     switch_mode: str = "descending"
@@ -191,7 +194,8 @@ def predict(setup: Setup) -> Prediction:
     phases = {"backward": saved + max(logits, recompute) + in_flight,
               "step": (0 if plan.in_backward else plan.grads + plan.step_temp) + plan.fp32_grads}
     if plan.scoring:
-        saved, recompute = activation_bytes(shape, w, setup, None, True, True)
+        scoring_setup = replace(setup, checkpointing=setup.checkpointing or setup.checkpoint_scoring_steps)
+        saved, recompute = activation_bytes(shape, w, scoring_setup, None, True, True)
         phases["scoring"] = saved + max(logits, recompute) + largest
     _apply_backend(setup, parts, phases, plan, shape, w)
     phase = max(phases, key=phases.get)

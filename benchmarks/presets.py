@@ -15,6 +15,10 @@ BLOCKLLM_STEPS = 200
 # Used when the launcher has it (BlockLLMConfig.step_in_backward): the 7B <= 15 GiB recipe.
 IN_BACKWARD = (("step_in_backward", "true"),)
 STATES_8BIT = (("states", "bnb_8bit"),)
+# The launcher's default since --checkpoint_scoring_steps: runs without checkpointing recompute activations
+# on BlockLLM's scoring steps. Configurations measured before say they did not (the key stays the same).
+SCORING_NOT_CHECKPOINTED = (("checkpoint_scoring_steps", "false"),)
+SCORING_CHECKPOINTED = (("checkpoint_scoring_steps", "true"),)
 
 
 def badam_shape_sparsity(model: str) -> float:
@@ -54,15 +58,22 @@ def issue6_7b() -> list[RunSpec]:
 
 
 def issue6_1b() -> list[RunSpec]:
-    """LLaMA-1B, batch 16, no checkpointing: AdamW's peak against BlockLLM s = 0.9."""
+    """LLaMA-1B, batch 16, no checkpointing: AdamW's peak against BlockLLM s = 0.9, with the scoring steps
+    not checkpointed (measured first) and checkpointed (--checkpoint_scoring_steps, the scoring step's peak)."""
     common = dict(model="1b", batch_size=16, checkpointing=False)
     blockllm = dict(steps=BLOCKLLM_STEPS, optional=IN_BACKWARD)
+    no_ckpt, ckpt = SCORING_NOT_CHECKPOINTED, SCORING_CHECKPOINTED
     return [
         RunSpec("adamw", "adamw", **common),
-        RunSpec("blockllm s=0.9", "blockllm", **common, **blockllm, flags=(("sparsity", "0.9"),)),
-        RunSpec("blockllm s=0.9 8-bit", "blockllm", **common, **blockllm, flags=(("sparsity", "0.9"),) + STATES_8BIT),
+        RunSpec("blockllm s=0.9", "blockllm", **common, **blockllm, flags=(("sparsity", "0.9"),) + no_ckpt),
+        RunSpec("blockllm s=0.9 8-bit", "blockllm", **common, **blockllm,
+                flags=(("sparsity", "0.9"),) + STATES_8BIT + no_ckpt),
         RunSpec("blockllm s=0.9 8-bit emb=never", "blockllm", **common, **blockllm,
-                flags=(("sparsity", "0.9"), ("embeddings", "never")) + STATES_8BIT),
+                flags=(("sparsity", "0.9"), ("embeddings", "never")) + STATES_8BIT + no_ckpt),
+        RunSpec("blockllm s=0.9 8-bit ckpt-scoring", "blockllm", **common, **blockllm,
+                flags=(("sparsity", "0.9"),) + STATES_8BIT + ckpt),
+        RunSpec("blockllm s=0.9 8-bit emb=never ckpt-scoring", "blockllm", **common, **blockllm,
+                flags=(("sparsity", "0.9"), ("embeddings", "never")) + STATES_8BIT + ckpt),
     ]
 
 

@@ -111,6 +111,15 @@ class BlockLLM(torch.optim.Optimizer):
         return self.config.step_in_backward
 
     @property
+    def scoring_step(self) -> bool:
+        """True when the next forward/backward is a scoring step (step 0 with a norm-based strategy, and
+        the step after the patience rule fires): every candidate is trainable then, so backward runs
+        through the whole model and keeps full-depth activations, the run's memory peak without
+        activation checkpointing. A launcher reads it before the step's forward to recompute activations
+        on these steps only (launch/pretrain.py, ``--checkpoint_scoring_steps``)."""
+        return self.selection.scoring
+
+    @property
     def selected_fraction(self) -> float:
         """Share of all parameters handed to BlockLLM that this step trains."""
         # Block sizes were taken at construction: ZeRO-3 empties the tensors it partitions later.

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `baselines/` beside `launch/`
 
@@ -62,6 +63,10 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of --lr"})
     dtype: str = field(default="fp32", metadata={"help": "weights and compute: fp32 or bf16"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    checkpoint_scoring_steps: bool = field(default=True, metadata={"help": "recompute activations on BlockLLM's "
+                                           "scoring steps only (their full-depth backward is the memory peak "
+                                           "without checkpointing); no effect with --activation_checkpointing "
+                                           "or other optimizers"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at the end); 0: never"})
     eval_batches: int = field(default=8, metadata={"help": "held-out micro-batches per evaluation"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (and at the end); 0: only at --stop_at_step"})
@@ -180,6 +185,36 @@ def check_steps_in_backward(optimizer, train: TrainConfig, backend) -> None:
         raise ConfigError(f"--optimizer {train.optimizer} steps inside backward: it runs on the plain backend only")
 
 
+def checkpoint_this_step(model, optimizer, train: TrainConfig) -> None:
+    """Turn HF activation checkpointing on or off for the coming step (call before its first forward).
+
+    Why: on BlockLLM's scoring steps every candidate is trainable, so backward runs through the whole
+    model with full-depth activations, the run's memory peak when checkpointing is off (a sparse step
+    stops below its lowest trained layer). Recomputing activations on those rare steps only removes
+    that peak for one extra forward per scoring step. ``model`` is what the backend's prepare()
+    returned: the HF model itself (plain; FSDP2 shards it in place; accelerate delegates to those) or
+    a DeepSpeed engine holding it in ``.module``. HF checkpoints only in train mode (the loop's).
+    """
+    wanted = train.activation_checkpointing or (
+        train.checkpoint_scoring_steps and isinstance(optimizer, BlockLLM) and optimizer.scoring_step)
+    hf_model = model if isinstance(model, PreTrainedModel) else model.module
+    # HF's is_gradient_checkpointing, without the deprecation warning transformers 5 attaches to it.
+    if any(getattr(m, "gradient_checkpointing", False) for m in hf_model.modules()) == wanted:
+        return
+    # transformers 5 renamed gradient_* to activation_checkpointing_* (the old names warn at every call).
+    renamed = hasattr(hf_model, "activation_checkpointing_enable")
+    if wanted:
+        if renamed:
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.disable_input_require_grads()  # as in train_loop: keep backward above frozen layers
+    elif renamed:
+        hf_model.activation_checkpointing_disable()
+    else:
+        hf_model.gradient_checkpointing_disable()
+
+
 def cosine_schedule(optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay from --lr to --min_lr_ratio * --lr at --steps."""
 
@@ -246,8 +281,10 @@ def train_loop(sections: dict) -> list[float]:
     throughput = Throughput(backend.device)
     progress = _progress_bar(start_step, stop, enabled=backend.rank == 0)
     losses = []
+    model.train()  # HF checkpoints (checkpoint_this_step) only in train mode
     for step in range(start_step, stop):
         reselections_before = blockllm.selection.reselections if blockllm else 0
+        checkpoint_this_step(model, optimizer, train)
         micro_losses = []
         for _ in range(train.grad_accum):
             loss = backend.forward(model, next(batches))

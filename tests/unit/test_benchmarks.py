@@ -79,6 +79,24 @@ def test_blockllm_budget_and_scoring_phase():
     assert "scoring" in prediction.parts and predict(Setup("blockllm", "7b", 4, strategy="random")).parts.get("scoring") is None
 
 
+def test_checkpointed_scoring_steps_use_the_checkpointed_activations():
+    flags = dict(optimizer="blockllm", model="1b", batch_size=16, states="bnb_8bit", step_in_backward="true")
+    full = predict(Setup.from_flags(**flags, checkpoint_scoring_steps="false"))
+    recomputed = predict(Setup.from_flags(**flags))  # the launcher's default: on
+    checkpointed = predict(Setup.from_flags(**flags, checkpointing=True))
+    assert recomputed.parts["scoring"] == checkpointed.parts["scoring"] < full.parts["scoring"]
+    assert recomputed.parts["backward"] == full.parts["backward"]  # sparse steps keep their activations
+    # The 1B batch-16 run's peak moves from the scoring step to the sparse steps' backward.
+    assert full.phase == "scoring" and recomputed.phase == "backward"
+    # With checkpointing on the flag changes nothing.
+    assert predict(Setup.from_flags(**flags, checkpointing=True, checkpoint_scoring_steps="false")) == checkpointed
+    # The issue-6 1B configurations measured before the flag existed say what they measured.
+    for spec in PRESETS["issue6-1b"]():
+        if spec.optimizer == "blockllm":
+            expected = "true" if spec.label.endswith("ckpt-scoring") else "false"
+            assert dict(spec.flags)["checkpoint_scoring_steps"] == expected, spec.label
+
+
 def _small_model(monkeypatch, dtype, **shape):
     size = dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=3, vocab_size=1024,
                 max_position_embeddings=256)

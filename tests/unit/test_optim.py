@@ -697,3 +697,18 @@ def test_embeddings_never_are_neither_scored_nor_trained():
     chosen = {opt.blocks[b].name for b in opt.selection.selected}
     assert chosen and not any(sel.is_embedding(name) for name in chosen)
     assert all(torch.equal(p.detach(), embeddings[n]) for n, p in model.named_parameters() if n in embeddings)
+
+
+def test_scoring_step_property_says_when_the_next_backward_scores():
+    model = tiny_llama()
+    opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.5, patience=2, embeddings="candidate")
+    assert opt.scoring_step  # step 0 measures every gradient norm
+    # Crafted losses: H starts empty after step 0; 5.0 then 6.0 >= their mean fires the rule at step 2.
+    for step, (loss_value, scoring_after) in enumerate([(10.0, False), (5.0, False), (6.0, True), (6.0, False)]):
+        lm_loss(model, batch(step)).backward()
+        opt.record_loss(loss_value)
+        opt.step()
+        opt.zero_grad()
+        assert opt.scoring_step == scoring_after == opt.selection.scoring, step
+    with pytest.raises(AttributeError):
+        opt.scoring_step = True  # read-only
