@@ -53,6 +53,7 @@ class BlockLLM(torch.optim.Optimizer):
         self.config = BlockLLMConfig.from_dict(settings)
         groups, self._names = _split_named_groups(params)
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._refuse_direct_deepspeed()
         numels = [p.numel() for p in self._flat_params()]
         self.blocks = sel.group_into_blocks(self._names, numels, self.config.granularity)
         self._always, self._candidates = self._classify_blocks()
@@ -74,6 +75,13 @@ class BlockLLM(torch.optim.Optimizer):
         # Set by delegate_update: returns the optimizer a backend (DeepSpeed) steps for us.
         self._delegate: Callable[[], torch.optim.Optimizer | None] | None = None
         self._choose_initial_blocks()
+
+    def _refuse_direct_deepspeed(self) -> None:
+        """Make ``deepspeed.initialize(optimizer=BlockLLM(...))`` a one-line error inside that call (no
+        per-step cost): see ``GuardedParamGroups``. The module imports no deepspeed."""
+        from .integrations.deepspeed import GuardedParamGroups
+
+        self.param_groups = GuardedParamGroups(self.param_groups)
 
     # ----- what is trained ------------------------------------------------------------------
     def _flat_params(self) -> list[torch.Tensor]:

@@ -69,6 +69,27 @@ _BLOCK, _SOURCE = "blockllm_block", "blockllm_source"  # tags on our param group
 # What a DeepSpeedEngine counts; a rebuilt engine continues the count (checkpoint tags, logging).
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 _MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")
+DIRECT_INITIALIZE = ("BlockLLM was passed to deepspeed.initialize directly; DeepSpeed's optimizers cannot follow "
+                     "block switches: use blockllm_scale.integrations.deepspeed.initialize(model=..., optimizer=..., "
+                     "config=...) with the same arguments")
+
+
+class GuardedParamGroups(list):
+    """BlockLLM's ``param_groups``: a list that makes ``deepspeed.initialize(optimizer=BlockLLM(...))`` an error.
+
+    That call trains the wrong tensors or crashes deep inside DeepSpeed (ZeRO-1/2 swap the groups'
+    params for flat fp32 partitions, ZeRO-3 empties them, ZeRO-0 steps BlockLLM unchanged; none
+    follows a block switch). Under every stage it first rewrites the client optimizer's groups
+    wholesale (``optimizer.param_groups[:] = ...`` in ``DeepSpeedEngine._configure_optimizer``,
+    0.19.8), which nothing else does to an optimizer (torch, accelerate, transformers): refusing
+    that assignment is the error, inside ``deepspeed.initialize``, at no cost per step. Appending a
+    group, replacing one by index and editing a group in place (LR schedulers, FSDP2's rebind) pass.
+    """
+
+    def __setitem__(self, index, value):
+        if isinstance(index, slice):
+            raise ConfigError(DIRECT_INITIALIZE)
+        super().__setitem__(index, value)
 
 
 # ----- the JSON ---------------------------------------------------------------------------------
