@@ -141,7 +141,8 @@ def plot(data: dict, path: Path) -> None:
         if e.get("tokens_per_s_median"):
             tok_ax.bar(x, e["tokens_per_s_median"], width * 0.9, color=color)
             tok_ax.plot([x], [e["tokens_per_s_mean"]], "k.", markersize=6)
-    names = [f"{g[2]} {g[3]}\n{'ckpt' if g[4] else 'no ckpt'} b{g[5]}" + (f"\n{g[0]} GPU" if scaling else "")
+    unit = "GPU" if any(measured_gib(e)[1] for e in entries) else "proc"
+    names = [f"{g[2]} {g[3]}\n{'ckpt' if g[4] else 'no ckpt'} b{g[5]}" + (f"\n{g[0]} {unit}" if scaling else "")
              for g in groups]
     for ax in (mem_ax, tok_ax):
         ax.set_xticks(range(len(groups)), names, fontsize=8)

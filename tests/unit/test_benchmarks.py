@@ -225,7 +225,7 @@ def test_suite_runs_a_cpu_grid_end_to_end(tmp_path):
         assert result["steps_done"] == 4 and len(result["steps"]) == 4 and "--dataset synthetic" in result["command"]
     assert data["results"][1]["reselections"] >= 1  # patience 2 on 4 steps
     md = (tmp_path / "results" / "smoke.md").read_text()
-    assert "| blockllm s=0.5 | tiny | plain | off | 2 | ok |" in md and "CPU" in md
+    assert "| blockllm s=0.5 | tiny | plain | off | 2 | 1 | ok |" in md and "CPU" in md
     assert (tmp_path / "results" / "smoke.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "mirror").iterdir()) == ["smoke.json", "smoke.md", "smoke.png"]
     # Append-only: a second invocation runs nothing that is already there.
