@@ -50,7 +50,7 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def describe(argv: list[str], device: str, gpus: int) -> dict:
+def describe(argv: list[str], device: str) -> dict:
     names = [] if device == "cpu" else gpu_names()
     if names:
         where = f"{len(names)} x {names[0]}" if len(set(names)) == 1 else "; ".join(names)
@@ -59,5 +59,5 @@ def describe(argv: list[str], device: str, gpus: int) -> dict:
         where = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         measured = "peak RSS of the training process (not comparable with the prediction)"
     return {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", *argv]), "device": where, "gpu": bool(names), "processes": gpus,
+            "command": shlex.join(["python", *argv]), "device": where, "gpu": bool(names), "gpu_count": len(names),
             "measured": measured, "host": platform.node(), "versions": versions(), "git_commit": git_commit()}

@@ -4,6 +4,7 @@
     python benchmarks/memory.py --preset issue6-7b --list                               # what is done / left
     python benchmarks/memory.py --name my-grid --optimizers adamw blockllm:sparsity=0.9 \\
         --models 60m 130m --backends plain zero2 --checkpointing off on --eight_bit off on --batch_sizes 8
+    python benchmarks/memory.py --preset issue8-scaling --only gpus2                    # the 2-GPU slice
     python benchmarks/memory.py --preset cpu-smoke --device cpu --name smoke           # CPU, seconds
 
 Each configuration runs ``launch/pretrain.py`` (under ``torchrun`` for ZeRO / FSDP2) on synthetic tokens
@@ -11,11 +12,15 @@ with GaLore's 32000-token vocabulary, and is summarised in ``benchmarks/results/
 allocated and reserved memory (on CPU: the process's peak RSS), tokens/s as the median of the steps
 after warm-up and as the run mean (total tokens / total time, which counts BlockLLM's scoring steps),
 the final loss, and the memory model's prediction. An OOM, a timeout, a backend that does not exist
-yet ("unavailable") or a configuration the launcher refuses in one line ("refused": a CUDA-only optimizer
+yet or more GPUs than the machine has ("unavailable") or a configuration the launcher refuses in one line ("refused": a CUDA-only optimizer
 on CPU, a missing optional package) are results, not crashes. The file is append-only: configurations
 already in it are skipped (except "unavailable" ones and any status named by ``--retry``; a replaced
 result is kept under "superseded"), so a grid runs in slices (``--only``, ``--time_budget``) and a killed slice loses at most
 the configuration it was running. ``<name>.md`` and ``<name>.png`` are rewritten from the JSON after every configuration.
+
+The GPU count is part of a configuration (``RunSpec.gpus``, ``--gpu_counts``): ZeRO / FSDP2 runs go under
+``torchrun --nproc_per_node=<gpus>`` with the batch size per process. With ``--device cpu`` the GPU count is a
+number of CPU processes (CUDA hidden, DeepSpeed's CPU accelerator), so a scaling grid can be dry-run anywhere.
 """
 
 from __future__ import annotations
@@ -86,14 +91,33 @@ def classify(returncode: int | None, stderr: str) -> tuple[str, str]:
     return "error", "\n".join(stderr.strip().splitlines()[-6:])[-1500:]
 
 
-def run_config(spec: RunSpec, known: dict, device: str, gpus: int, timeout_s: float) -> dict:
+def launcher_env(device: str) -> dict[str, str]:
+    """The launcher's environment; on --device cpu every backend's processes stay on the CPU (the plain
+    backend gets --device cpu; FSDP2 and DeepSpeed choose by what they see)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    return env
+
+
+def gpus_present(device: str) -> int | None:
+    """GPUs a configuration may use (torch.cuda.device_count: NVML, no CUDA context in this process);
+    None where runs go to the CPU (--device cpu, or no GPU), where the GPU count is a number of processes."""
+    if device == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.device_count() or None
+
+
+def run_config(spec: RunSpec, known: dict, device: str, timeout_s: float) -> dict:
     """Run one configuration in its own process group; never raises for what the run does."""
     with tempfile.TemporaryDirectory(prefix="blockllm-bench-") as out_dir:
-        argv, notes = launcher_command(spec, out_dir, known, device, gpus)
+        argv, notes = launcher_command(spec, out_dir, known, device)
         started = time.monotonic()
         with open(Path(out_dir) / "stdout", "w") as out, open(Path(out_dir) / "stderr", "w") as err:
             proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+                                    env=launcher_env(device))
             try:
                 returncode = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -106,7 +130,7 @@ def run_config(spec: RunSpec, known: dict, device: str, gpus: int, timeout_s: fl
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     status, reason = classify(returncode, stderr)
     summary = summarize(records, spec.warmup)
-    expected_tokens = spec.batch_size * spec.seq_len * (gpus if spec.backend != "plain" else 1)
+    expected_tokens = spec.batch_size * spec.seq_len * spec.gpus  # metrics count the tokens of every rank
     if summary.get("tokens_per_step", expected_tokens) != expected_tokens:  # e.g. a DeepSpeed JSON's own batch size
         notes.append(f"ran {summary['tokens_per_step']} tokens/step, not the {expected_tokens} asked for")
     result = {"status": status, "reason": reason, "notes": notes, "wall_s": round(time.monotonic() - started, 1),
@@ -117,13 +141,13 @@ def run_config(spec: RunSpec, known: dict, device: str, gpus: int, timeout_s: fl
     return result
 
 
-def prediction(spec: RunSpec, known: dict, gpus: int) -> dict:
+def prediction(spec: RunSpec, known: dict) -> dict:
     settings = {k: v for k, v in spec.settings().items() if k not in dict(spec.optional) or k in known}
     if spec.backend.startswith("zero") and ds_config(spec.backend).is_file():
         zero = json.loads(ds_config(spec.backend).read_text()).get("zero_optimization", {})
         settings.setdefault("reduce_bucket_size", int(float(zero.get("reduce_bucket_size", 5e8))))
     try:
-        pred = predict(Setup.from_flags(**settings, world_size=gpus if spec.backend != "plain" else 1))
+        pred = predict(Setup.from_flags(**settings, world_size=spec.gpus))
     except (ValueError, KeyError) as error:
         return {"predicted_error": str(error)}
     return {"predicted_gib": round(pred.peak_gib, 3), "predicted_phase": pred.phase,
@@ -185,7 +209,8 @@ def run_grid(specs: list[RunSpec], results: Results, args) -> int:
     if not todo:
         return 0
     command = ["benchmarks/memory.py", *args.argv]
-    invocation = results.start_invocation(environment.describe(command, args.device, args.gpus))
+    invocation = results.start_invocation(environment.describe(command, args.device))
+    present = gpus_present(args.device)
     begin = time.monotonic()
     for index, spec in enumerate(todo):
         expected = expected_seconds(spec, results.data["results"])
@@ -193,11 +218,10 @@ def run_grid(specs: list[RunSpec], results: Results, args) -> int:
             print(f"[memory] time budget reached: {len(todo) - index} configuration(s) left; run again", flush=True)
             return len(todo) - index
         print(f"[memory] {index + 1}/{len(todo)} {spec.key} (expect ~{expected:.0f} s)", flush=True)
-        reason = unavailable_reason(spec, known)
+        reason = unavailable_reason(spec, known, present)
         outcome = ({"status": "unavailable", "reason": reason, "notes": [], "wall_s": 0.0} if reason else
-                   run_config(spec, known, args.device, args.gpus, args.timeout or max(3 * expected, 300)))
-        entry = {"key": spec.key, "invocation": invocation, "spec": spec.as_dict(), **outcome,
-                 **prediction(spec, known, args.gpus)}
+                   run_config(spec, known, args.device, args.timeout or max(3 * expected, 300)))
+        entry = {"key": spec.key, "invocation": invocation, "spec": spec.as_dict(), **outcome, **prediction(spec, known)}
         results.add(entry)
         print(f"[memory]   -> {report.one_line(entry)}", flush=True)
     return 0
@@ -209,7 +233,8 @@ def build_specs(args) -> list[RunSpec]:
     else:
         on_off = {"on": True, "off": False}
         specs = grid(args.optimizers, args.models, args.backends, [on_off[v] for v in args.checkpointing],
-                     [on_off[v] for v in args.eight_bit], args.batch_sizes, args.seq_len, args.dtype, args.steps, args.warmup)
+                     [on_off[v] for v in args.eight_bit], args.batch_sizes, args.seq_len, args.dtype, args.steps, args.warmup,
+                     args.gpu_counts)
     return select(specs, args.only)
 
 
@@ -218,7 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named grid (benchmarks/presets.py)")
     parser.add_argument("--name", help="results file stem (default: the preset's name)")
     parser.add_argument("--only", action="append", default=[],
-                        help="keep configurations whose key contains one of these comma-separated substrings; repeat to AND")
+                        help="keep configurations whose key contains one of these comma-separated substrings; repeat "
+                        "to AND (one-GPU configurations also match 'gpus1')")
     parser.add_argument("--retry", default="unavailable",
                         help="comma-separated statuses to run again (default: unavailable; e.g. unavailable,refused,error)")
     parser.add_argument("--list", action="store_true", help="print each configuration: done or not, predicted peak, result")
@@ -227,7 +253,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds: start no configuration expected to end later; 0: no limit")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per configuration (default: 3x expected, >= 300)")
     parser.add_argument("--device", default="", help="'cpu' to run on the CPU (peak = process RSS); default: the launcher's")
-    parser.add_argument("--gpus", type=int, default=1, help="processes per ZeRO / FSDP2 run (torchrun --nproc_per_node)")
     parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--mirror", type=Path, help="also copy <name>.json/.md/.png here after every configuration (e.g. $OUT)")
     grid_args = parser.add_argument_group("a grid from the command line (instead of --preset)")
@@ -237,7 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     grid_args.add_argument("--backends", nargs="+", default=["plain"])
     grid_args.add_argument("--checkpointing", nargs="+", default=["off"], choices=["on", "off"])
     grid_args.add_argument("--eight_bit", nargs="+", default=["off"], choices=["on", "off"])
-    grid_args.add_argument("--batch_sizes", nargs="+", type=int, default=[8])
+    grid_args.add_argument("--batch_sizes", nargs="+", type=int, default=[8], help="per GPU (process)")
+    grid_args.add_argument("--gpu_counts", nargs="+", type=int, default=[1],
+                           help="GPUs (processes) per ZeRO / FSDP2 run, torchrun --nproc_per_node; plain runs use 1")
     grid_args.add_argument("--seq_len", type=int, default=256)
     grid_args.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     grid_args.add_argument("--steps", type=int, default=10)
@@ -257,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = build_specs(args)
     if args.list:
         known = launcher_flags()
-        predicted = [prediction(spec, known, args.gpus).get("predicted_gib") for spec in specs]
+        predicted = [prediction(spec, known).get("predicted_gib") for spec in specs]
         print(report.listing(specs, results.data["results"], predicted))
         return 0
     left = run_grid(specs, results, args)

@@ -1,4 +1,4 @@
-"""The named grids: the configurations issues 4, 5 and 6 ask to measure, and a CPU smoke grid.
+"""The named grids: the configurations issues 4, 5, 6 and 8 ask to measure, and CPU grids (smoke, dry run).
 
 BlockLLM runs are long enough (200 steps, patience 50) to include a few reselections, whose scoring
 steps run backward through the whole model: the run-mean tokens/s counts them, the median does not.
@@ -100,6 +100,32 @@ def issue5_fsdp2() -> list[RunSpec]:
     ]
 
 
+SCALING_GPUS = (1, 2, 4, 8)
+
+
+def scaling(models: tuple[tuple[str, int], ...], gpu_counts, steps: int, blockllm_steps: int, blockllm_flags=(),
+            **common) -> list[RunSpec]:
+    """ZeRO-3 and FSDP2 at each GPU count (outermost, so the 1-GPU baselines come first): AdamW against
+    BlockLLM s = 0.9; models as (size, batch per GPU)."""
+    return [spec for gpus in gpu_counts for model, batch in models for backend in ("zero3", "fsdp2") for spec in (
+        RunSpec("adamw", "adamw", model, batch, backend, gpus=gpus, steps=steps, **common),
+        RunSpec("blockllm s=0.9", "blockllm", model, batch, backend, gpus=gpus, steps=blockllm_steps,
+                flags=(("sparsity", "0.9"),) + blockllm_flags, **common))]
+
+
+def issue8_scaling() -> list[RunSpec]:
+    """LLaMA-1B (batch 16 per GPU) and 7B (batch 4 per GPU), bf16, checkpointing, under ZeRO-3 and FSDP2 on
+    1, 2, 4 and 8 GPUs: per-GPU peak, tokens/s per GPU and scaling efficiency."""
+    return scaling((("1b", 16), ("7b", 4)), SCALING_GPUS, steps=10, blockllm_steps=BLOCKLLM_STEPS, checkpointing=True)
+
+
+def issue8_cpu_dryrun() -> list[RunSpec]:
+    """issue8-scaling's shape on the CPU with the tiny model, 1 and 2 processes: the scripts end to end
+    (patience 2, so a reselection happens), not a measurement of scaling."""
+    return scaling((("tiny", 2),), (1, 2), steps=6, blockllm_steps=6, blockllm_flags=(("patience", "2"),),
+                   checkpointing=True, seq_len=64, dtype="fp32", warmup=2)
+
+
 def cpu_smoke() -> list[RunSpec]:
     """Two tiny configurations for CPU tests: the whole pipeline in seconds (peak = process RSS)."""
     common = dict(model="tiny", batch_size=2, seq_len=64, dtype="fp32", steps=4, warmup=1)
@@ -110,4 +136,4 @@ def cpu_smoke() -> list[RunSpec]:
 
 
 PRESETS = {"issue6-7b": issue6_7b, "issue6-1b": issue6_1b, "issue4-zero": issue4_zero, "issue5-fsdp2": issue5_fsdp2,
-           "cpu-smoke": cpu_smoke}
+           "issue8-scaling": issue8_scaling, "issue8-cpu-dryrun": issue8_cpu_dryrun, "cpu-smoke": cpu_smoke}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from blockllm_scale.models import MODEL_SIZES
 
+from .grid import one_gpu_key
+
 SIZE_ORDER = {size: i for i, size in enumerate(MODEL_SIZES)}
 
 
@@ -23,9 +25,29 @@ def error_pct(entry: dict) -> float | None:
     return 100 * (entry["predicted_gib"] - peak) / peak
 
 
+def gpus(entry: dict) -> int:
+    return entry["spec"].get("gpus", 1)  # results from before the GPU count was part of a configuration: 1
+
+
+def tokens_per_gpu(entry: dict) -> float | None:
+    """Median tokens/s per GPU: the launcher's tokens/s count the tokens of every rank."""
+    rate = entry.get("tokens_per_s_median")
+    return None if rate is None or entry.get("status") != "ok" else rate / gpus(entry)
+
+
+def scaling_efficiency(entry: dict, by_key: dict[str, dict]) -> float | None:
+    """Tokens/s per GPU at n GPUs over that of the same configuration on one GPU (None: either is missing)."""
+    base = by_key.get(one_gpu_key(entry["key"]))
+    if gpus(entry) == 1 or base is None or base is entry:
+        return None
+    here, there = tokens_per_gpu(entry), tokens_per_gpu(base)
+    return None if here is None or not there else here / there
+
+
 def group_key(entry: dict) -> tuple:
     spec = entry["spec"]
-    return (SIZE_ORDER.get(spec["model"], 99), spec["model"], spec["backend"], spec["checkpointing"], spec["batch_size"])
+    return (gpus(entry), SIZE_ORDER.get(spec["model"], 99), spec["model"], spec["backend"], spec["checkpointing"],
+            spec["batch_size"])
 
 
 def ordered(entries: list[dict]) -> list[dict]:
@@ -48,18 +70,19 @@ def notes(entry: dict) -> str:
 
 def table(entries: list[dict]) -> list[str]:
     on_gpu = any(measured_gib(e)[1] for e in entries)
-    peak_name = "peak alloc GiB" if on_gpu else "peak RSS GiB"
-    lines = [f"| optimizer | model | backend | ckpt | batch | status | {peak_name} | reserved GiB | predicted GiB | error "
-             "| tok/s median | tok/s run mean | final loss | steps | notes |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    peak_name = "peak alloc GiB/GPU" if on_gpu else "peak RSS GiB/process"
+    by_key = {e["key"]: e for e in entries}
+    lines = [f"| optimizer | model | backend | ckpt | batch/GPU | GPUs | status | {peak_name} | reserved GiB | predicted GiB "
+             "| error | tok/s median | tok/s run mean | tok/s/GPU | scaling eff. | final loss | steps | notes |",
+             "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for e in ordered(entries):
-        spec, err = e["spec"], error_pct(e)
+        spec, err, eff = e["spec"], error_pct(e), scaling_efficiency(e, by_key)
         lines.append(" | ".join([
             f"| {spec['label']}", spec["model"], spec["backend"], "on" if spec["checkpointing"] else "off",
-            str(spec["batch_size"]), e["status"], _fmt(measured_gib(e)[0]), _fmt(e.get("peak_reserved_gib")),
+            str(spec["batch_size"]), str(gpus(e)), e["status"], _fmt(measured_gib(e)[0]), _fmt(e.get("peak_reserved_gib")),
             _fmt(e.get("predicted_gib")), "" if err is None else f"{err:+.1f}%", _fmt(e.get("tokens_per_s_median"), 0),
-            _fmt(e.get("tokens_per_s_mean"), 0), _fmt(e.get("final_loss"), 3), str(e.get("steps_done", "")),
-            notes(e)]) + " |")
+            _fmt(e.get("tokens_per_s_mean"), 0), _fmt(tokens_per_gpu(e), 0), "" if eff is None else f"{100 * eff:.0f}%",
+            _fmt(e.get("final_loss"), 3), str(e.get("steps_done", "")), notes(e)]) + " |")
     return lines
 
 
@@ -69,10 +92,19 @@ def markdown(data: dict) -> str:
         libs = ", ".join(f"{k} {v}" for k, v in inv["versions"].items())
         lines += [f"- run {i} ({inv['started']}): {inv['device']}; commit `{inv['git_commit']}`; "
                   f"measured: {inv['measured']}", f"  - command: `{inv['command']}`", f"  - versions: {libs}"]
+    entries = data["results"]
+    on_gpu = any(measured_gib(e)[1] for e in entries)
     lines += ["", "Synthetic tokens; vocabulary as the size defines it (GaLore's 32000; tiny: 8192). tok/s median: "
               "steps after warm-up; run mean: total tokens / total time of those steps (counts BlockLLM's scoring "
-              "steps). predicted: benchmarks/memory_model.py; error = (predicted - measured) / measured.", ""]
-    entries = data["results"]
+              "steps); both count the tokens of all GPUs. batch is per GPU (process). tok/s/GPU: the median / GPUs; "
+              "scaling eff.: tok/s/GPU over that of the same configuration on 1 GPU. Peak memory is rank 0's "
+              f"({'torch.cuda.max_memory_allocated on its GPU' if on_gpu else 'its process peak RSS'}): the launcher's "
+              "metrics.jsonl is written by rank 0 alone, so other ranks' peaks are not recorded. predicted: "
+              "benchmarks/memory_model.py at that world size; error = (predicted - measured) / measured.", ""]
+    if entries and not on_gpu and any(gpus(e) > 1 for e in entries):
+        lines += ["**Measured on the CPU: a correctness dry run of the scripts, not a measurement.** \"GPUs\" are "
+                  "CPU processes sharing the machine's cores, so tokens/s, tok/s/GPU and scaling efficiency say "
+                  "nothing about GPU scaling, and peak RSS is not comparable with the (GPU) prediction.", ""]
     return "\n".join(lines + (table(entries) if entries else ["No configuration has run yet."])) + "\n"
 
 
@@ -83,12 +115,16 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = ordered(data["results"])
+    counts = sorted({gpus(e) for e in entries})
     groups = list(dict.fromkeys(group_key(e) for e in entries))
     labels = list(dict.fromkeys(e["spec"]["label"] for e in entries))
     # Each group holds only its own bars, side by side around the group's tick.
     members = {g: [e["spec"]["label"] for e in entries if group_key(e) == g] for g in groups}
     widest = max((len(m) for m in members.values()), default=1)
-    fig, (mem_ax, tok_ax) = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(entries) + 2) + 3, 9))
+    scaling = len(counts) > 1
+    fig = plt.figure(figsize=(max(8, 0.5 * len(entries) + 2) + 3, 14 if scaling else 9))
+    rows = fig.add_gridspec(3 if scaling else 2, 2)
+    mem_ax, tok_ax = fig.add_subplot(rows[0, :]), fig.add_subplot(rows[1, :])
     width = 0.8 / widest
     colors = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
     for e in entries:
@@ -105,7 +141,9 @@ def plot(data: dict, path: Path) -> None:
         if e.get("tokens_per_s_median"):
             tok_ax.bar(x, e["tokens_per_s_median"], width * 0.9, color=color)
             tok_ax.plot([x], [e["tokens_per_s_mean"]], "k.", markersize=6)
-    names = [f"{g[1]} {g[2]}\n{'ckpt' if g[3] else 'no ckpt'} b{g[4]}" for g in groups]
+    unit = "GPU" if any(measured_gib(e)[1] for e in entries) else "proc"
+    names = [f"{g[2]} {g[3]}\n{'ckpt' if g[4] else 'no ckpt'} b{g[5]}" + (f"\n{g[0]} {unit}" if scaling else "")
+             for g in groups]
     for ax in (mem_ax, tok_ax):
         ax.set_xticks(range(len(groups)), names, fontsize=8)
     on_gpu = any(measured_gib(e)[1] for e in entries)
@@ -114,9 +152,42 @@ def plot(data: dict, path: Path) -> None:
     tok_ax.set_ylabel("tokens/s (bar: median, dot: run mean)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[label]) for label in labels]
     mem_ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if scaling:
+        plot_scaling(entries, counts, fig.add_subplot(rows[2, 0]), fig.add_subplot(rows[2, 1]), on_gpu)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_scaling(entries: list[dict], counts: list[int], mem_ax, tok_ax, on_gpu: bool) -> None:
+    """Per-GPU peak and tokens/s per GPU against the GPU count, one line per optimizer, model and backend."""
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple, list[dict]] = {}
+    for e in entries:
+        spec = e["spec"]
+        lines.setdefault((spec["label"], spec["model"], spec["backend"], spec["checkpointing"], spec["batch_size"]),
+                         []).append(e)
+    markers = {"zero1": "^", "zero2": "v", "zero3": "o", "fsdp2": "s", "plain": "D"}
+    for i, (line, members) in enumerate(lines.items()):
+        members = sorted((e for e in members if e["status"] == "ok"), key=gpus)
+        style = dict(color=plt.cm.tab10(i % 10), marker=markers.get(line[2], "x"), label=f"{line[0]}, {line[1]} {line[2]}")
+        peaks = [(gpus(e), measured_gib(e)[0]) for e in members if measured_gib(e)[0] is not None]
+        rates = [(gpus(e), tokens_per_gpu(e)) for e in members if tokens_per_gpu(e)]
+        if peaks:
+            mem_ax.plot(*zip(*peaks), **style)
+        if rates:
+            tok_ax.plot(*zip(*rates), **style)
+    for ax in (mem_ax, tok_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.set_xlabel("GPUs" if on_gpu else "processes (CPU dry run)")
+        ax.grid(alpha=0.3)
+    mem_ax.set_ylabel("peak GiB per GPU (rank 0)" if on_gpu else "peak RSS GiB (rank 0 process)")
+    mem_ax.set_title("scaling: per-GPU peak memory")
+    tok_ax.set_ylabel("tokens/s per GPU (median)")
+    tok_ax.set_title("scaling: tokens/s per GPU" + ("" if on_gpu else " (CPU: says nothing about GPUs)"))
+    tok_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def write(data: dict, stem: Path) -> list[Path]:

@@ -11,7 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks import memory  # noqa: E402
-from benchmarks.grid import RunSpec, grid, launcher_command, select, unavailable_reason  # noqa: E402
+from benchmarks import report  # noqa: E402
+from benchmarks.grid import RunSpec, grid, launcher_command, one_gpu_key, select, unavailable_reason  # noqa: E402
 from benchmarks.memory_model import GIB, Setup, activation_bytes, llama_tensors, model_shape, predict, state_bytes  # noqa: E402
 from benchmarks.presets import PRESETS, badam_shape_sparsity  # noqa: E402
 from blockllm_scale import models  # noqa: E402
@@ -202,7 +203,7 @@ def test_every_preset_command_is_one_the_launcher_accepts(preset, tmp_path):
     for spec in PRESETS[preset]():
         if unavailable_reason(spec, known):  # e.g. configs/ds/*.json not written yet
             continue
-        argv, _ = launcher_command(spec, str(tmp_path), known, "", 1)
+        argv, _ = launcher_command(spec, str(tmp_path), known, "")
         sections = pretrain.parse_args(argv[argv.index(str(REPO / "launch" / "pretrain.py")) + 1:])
         assert sections["train"].optimizer == spec.optimizer and sections["data"].dataset == "synthetic"
 
@@ -210,9 +211,9 @@ def test_every_preset_command_is_one_the_launcher_accepts(preset, tmp_path):
 def test_optional_flags_are_dropped_with_a_note_when_the_launcher_lacks_them():
     spec = RunSpec("blockllm", "blockllm", "tiny", 2, flags=(("sparsity", "0.9"),), optional=(("step_in_backward", "true"),))
     known = {"sparsity": "float", "activation_checkpointing": "bool"}
-    argv, notes = launcher_command(spec, "/tmp/x", known, "cpu", 1)
+    argv, notes = launcher_command(spec, "/tmp/x", known, "cpu")
     assert "--step_in_backward" not in argv and notes == ["--step_in_backward dropped: the launcher has no such flag"]
-    argv, notes = launcher_command(spec, "/tmp/x", {**known, "step_in_backward": "bool"}, "cpu", 1)
+    argv, notes = launcher_command(spec, "/tmp/x", {**known, "step_in_backward": "bool"}, "cpu")
     assert "--step_in_backward" in argv and "--no-activation_checkpointing" in argv and not notes
 
 
@@ -242,7 +243,7 @@ def test_suite_runs_a_cpu_grid_end_to_end(tmp_path):
         assert result["steps_done"] == 4 and len(result["steps"]) == 4 and "--dataset synthetic" in result["command"]
     assert data["results"][1]["reselections"] >= 1  # patience 2 on 4 steps
     md = (tmp_path / "results" / "smoke.md").read_text()
-    assert "| blockllm s=0.5 | tiny | plain | off | 2 | ok |" in md and "CPU" in md
+    assert "| blockllm s=0.5 | tiny | plain | off | 2 | 1 | ok |" in md and "CPU" in md
     assert (tmp_path / "results" / "smoke.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "mirror").iterdir()) == ["smoke.json", "smoke.md", "smoke.png"]
     # Append-only: a second invocation runs nothing that is already there.
@@ -253,5 +254,85 @@ def test_suite_runs_a_cpu_grid_end_to_end(tmp_path):
 
 def test_a_configuration_past_its_timeout_is_a_result(tmp_path):
     spec = RunSpec("adamw", "adamw", "tiny", 2, seq_len=32, dtype="fp32", steps=2, warmup=1)
-    outcome = memory.run_config(spec, memory.launcher_flags(), "cpu", 1, timeout_s=0.5)
+    outcome = memory.run_config(spec, memory.launcher_flags(), "cpu", timeout_s=0.5)
     assert outcome["status"] == "timeout" and outcome["steps_done"] == 0
+
+
+def test_gpu_count_keeps_one_gpu_keys_and_suffixes_the_rest():
+    one = RunSpec("blockllm s=0.9", "blockllm", "1b", 16, "zero3", True, flags=(("sparsity", "0.9"),))
+    # The key results measured before the GPU count was part of a configuration are stored under.
+    assert one.key == "blockllm s=0.9|1b|zero3|ckpt|b16|seq256|bf16|steps10" and one.gpus == 1
+    two = RunSpec("blockllm s=0.9", "blockllm", "1b", 16, "zero3", True, flags=(("sparsity", "0.9"),), gpus=2)
+    assert two.key == one.key + "|gpus2" and one_gpu_key(two.key) == one.key == one_gpu_key(one.key)
+    assert two.as_dict()["gpus"] == 2
+    with pytest.raises(ValueError, match="plain"):
+        RunSpec("adamw", "adamw", "60m", 8, "plain", gpus=2)
+    specs = grid(["adamw"], ["60m"], ["plain", "fsdp2"], [False], [False], [8], gpu_counts=[1, 2])
+    assert sorted(s.key for s in specs) == ["adamw|60m|fsdp2|nockpt|b8|seq256|bf16|steps10",
+                                            "adamw|60m|fsdp2|nockpt|b8|seq256|bf16|steps10|gpus2",
+                                            "adamw|60m|plain|nockpt|b8|seq256|bf16|steps10"]
+    assert [s.gpus for s in select(specs, ["gpus2"])] == [2]
+    assert {s.backend for s in select(specs, ["gpus1"])} == {"plain", "fsdp2"}
+
+
+def test_launcher_gets_the_gpu_count(tmp_path):
+    known = memory.launcher_flags()
+    spec = RunSpec("adamw", "adamw", "tiny", 2, "zero3", gpus=2)
+    argv, _ = launcher_command(spec, str(tmp_path), known, "cpu")
+    assert "--nproc_per_node=2" in argv
+    assert json.loads((tmp_path / "zero3.json").read_text())["train_batch_size"] == 4
+    assert memory.launcher_env("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    # The memory model shards over the GPU count.
+    assert memory.prediction(spec, known)["predicted_gib"] < memory.prediction(RunSpec("adamw", "adamw", "tiny", 2, "zero3"),
+                                                                               known)["predicted_gib"]
+
+
+def test_more_gpus_than_present_is_unavailable(tmp_path, monkeypatch):
+    known = memory.launcher_flags()
+    spec = RunSpec("adamw", "adamw", "tiny", 2, "fsdp2", seq_len=32, dtype="fp32", steps=2, warmup=1, gpus=4)
+    assert unavailable_reason(spec, known, gpus_present=2) == "needs 4 GPUs; this machine has 2"
+    assert unavailable_reason(spec, known, gpus_present=None) is None  # CPU: processes
+    assert unavailable_reason(RunSpec("adamw", "adamw", "tiny", 2, "fsdp2", gpus=2), known, gpus_present=2) is None
+    # On a (pretend) 2-GPU CUDA machine the grid records it instead of launching it.
+    monkeypatch.setattr(memory, "gpus_present", lambda device: 2)
+    monkeypatch.setattr(memory, "build_specs", lambda args: [spec])
+    assert memory.main(["--name", "toomany", "--results_dir", str(tmp_path)]) == 0
+    [result] = json.loads((tmp_path / "toomany.json").read_text())["results"]
+    assert result["status"] == "unavailable" and result["reason"] == "needs 4 GPUs; this machine has 2"
+    assert result["key"].endswith("|gpus4") and "unavailable" in (tmp_path / "toomany.md").read_text()
+
+
+def _fake_result(gpus, tokens_per_s, status="ok"):
+    spec = RunSpec("adamw", "adamw", "1b", 16, "zero3", True, gpus=gpus)
+    return {"key": spec.key, "spec": spec.as_dict(), "status": status, "reason": "", "notes": [], "steps_done": 10,
+            "tokens_per_s_median": tokens_per_s, "tokens_per_s_mean": tokens_per_s, "peak_allocated_gib": 10.0 / gpus}
+
+
+def test_scaling_efficiency_from_two_results(tmp_path):
+    one, two, four = _fake_result(1, 10_000.0), _fake_result(2, 18_000.0), _fake_result(4, 30_000.0, status="oom")
+    by_key = {e["key"]: e for e in (one, two, four)}
+    assert report.tokens_per_gpu(two) == 9_000.0
+    assert report.scaling_efficiency(two, by_key) == pytest.approx(0.9)
+    assert report.scaling_efficiency(one, by_key) is None and report.scaling_efficiency(four, by_key) is None
+    assert report.scaling_efficiency(two, {two["key"]: two}) is None  # no 1-GPU result
+    old = dict(one, spec={k: v for k, v in one["spec"].items() if k != "gpus"})  # a result from before issue 8
+    assert report.gpus(old) == 1 and report.scaling_efficiency(two, {old["key"]: old, two["key"]: two}) == pytest.approx(0.9)
+    data = {"name": "fake", "invocations": [], "results": [one, two]}
+    md = report.markdown(data)
+    assert "| adamw | 1b | zero3 | on | 16 | 2 | ok | 5.00 |" in md and "| 9,000 | 90% |" in md and "rank 0" in md
+    written = report.write(data, tmp_path / "fake")  # two GPU counts: the scaling row is drawn
+    assert (tmp_path / "fake.png") in written and (tmp_path / "fake.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scaling_presets_build():
+    specs = PRESETS["issue8-scaling"]()
+    assert len(specs) == 2 * 2 * 2 * 4 and len({s.key for s in specs}) == len(specs)
+    assert {(s.model, s.batch_size) for s in specs} == {("1b", 16), ("7b", 4)} and {s.gpus for s in specs} == {1, 2, 4, 8}
+    assert {s.backend for s in specs} == {"zero3", "fsdp2"} and all(s.checkpointing and s.dtype == "bf16" for s in specs)
+    blockllm = [s for s in specs if s.optimizer == "blockllm"]
+    assert len(blockllm) == 16 and all(dict(s.flags)["sparsity"] == "0.9" and s.steps == 200 for s in blockllm)
+    assert len(select(specs, ["gpus2"])) == 8 and len(select(specs, ["gpus1"])) == 8
+    dry = PRESETS["issue8-cpu-dryrun"]()
+    assert len(dry) == 8 and {s.gpus for s in dry} == {1, 2} and {s.backend for s in dry} == {"zero3", "fsdp2"}
+    assert all(s.model == "tiny" and s.dtype == "fp32" and s.batch_size == 2 and s.seq_len == 64 for s in dry)
+    assert all(int(dict(s.flags)["patience"]) < s.steps for s in dry if s.optimizer == "blockllm")
