@@ -16,6 +16,11 @@ patience rule needs it; the Trainer calls ``optimizer.step()`` without a loss). 
 nothing extra: the Trainer saves ``optimizer.state_dict()``, which carries the selection, and on
 resume calls ``load_state_dict``, which re-applies it (requires_grad flags included) before training
 continues.
+
+A DeepSpeed config in the ``TrainingArguments`` is refused at construction: the Trainer would hand BlockLLM
+to ``deepspeed.initialize``, whose ZeRO optimizer cannot follow block switches. Train under DeepSpeed with
+``deepspeed launch/pretrain.py --ds_config ...`` (or ``blockllm_scale.integrations.deepspeed.initialize`` in
+your own loop); FSDP2 through ``accelerate launch`` works with this Trainer's loop as with ours.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..config import ConfigError
 from ..optim import BlockLLM
 
 
@@ -40,6 +46,10 @@ class BlockLLMTrainer(Trainer):
     def __init__(self, *args, blockllm_settings: dict[str, Any] | None = None, **kwargs):
         self.blockllm_settings = dict(blockllm_settings or {})
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            raise ConfigError("BlockLLMTrainer does not support TrainingArguments(deepspeed=...): DeepSpeed's ZeRO "
+                              "optimizer cannot follow block switches; use deepspeed launch/pretrain.py --ds_config "
+                              "(or blockllm_scale.integrations.deepspeed.initialize in your own loop)")
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

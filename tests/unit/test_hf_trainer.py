@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from blockllm_scale.config import ConfigError
 from blockllm_scale.data import DataConfig, build_datasets
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
 from blockllm_scale.models import build_model
@@ -88,3 +89,15 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, train_set):
     assert first.losses == whole.losses[:STOP]
     assert second.losses == whole.losses[STOP:]
     assert whole.blockllm.selection.reselections == second.blockllm.selection.reselections
+
+
+def test_deepspeed_config_is_refused_in_one_line(tmp_path, train_set, monkeypatch):
+    """The Trainer would pass BlockLLM to deepspeed.initialize, which cannot follow block switches."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+          "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, deepspeed=ds)
+    with pytest.raises(ConfigError, match=r"BlockLLMTrainer does not support .*deepspeed launch/pretrain.py") as err:
+        BlockLLMTrainer(model=build_model("tiny"), args=args, train_dataset=train_set,
+                        data_collator=causal_lm_collator, blockllm_settings=SETTINGS)
+    assert "\n" not in str(err.value)
