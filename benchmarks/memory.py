@@ -141,6 +141,20 @@ def run_config(spec: RunSpec, known: dict, device: str, timeout_s: float) -> dic
     return result
 
 
+def refresh_predictions(entries: list[dict], known: dict, specs: list[RunSpec]) -> None:
+    """Recompute each result's prediction with today's memory model (the measurement stays as it was),
+    from the grid's spec of that key (presets spell out flags whose default changed since), else the stored one."""
+    by_key = {spec.key: spec for spec in specs}
+    for entry in entries:
+        stored = entry.get("spec")
+        spec = by_key.get(entry["key"])
+        if spec is None and stored:
+            spec = RunSpec(**{**stored, "flags": tuple(stored.get("flags", {}).items()),
+                              "optional": tuple(stored.get("optional", {}).items())})
+        if spec is not None:
+            entry.update(prediction(spec, known))
+
+
 def prediction(spec: RunSpec, known: dict) -> dict:
     settings = {k: v for k, v in spec.settings().items() if k not in dict(spec.optional) or k in known}
     if spec.backend.startswith("zero") and ds_config(spec.backend).is_file():
@@ -248,7 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retry", default="unavailable",
                         help="comma-separated statuses to run again (default: unavailable; e.g. unavailable,refused,error)")
     parser.add_argument("--list", action="store_true", help="print each configuration: done or not, predicted peak, result")
-    parser.add_argument("--report_only", action="store_true", help="rewrite <name>.md / .png from the JSON")
+    parser.add_argument("--report_only", action="store_true",
+                        help="rewrite <name>.md / .png from the JSON, predictions recomputed with today's memory model")
     parser.add_argument("--time_budget", type=float, default=0,
                         help="seconds: start no configuration expected to end later; 0: no limit")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per configuration (default: 3x expected, >= 300)")
@@ -279,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = Results(args.results_dir, args.name, args.mirror)
     if args.report_only:
+        refresh_predictions(results.data["results"], launcher_flags(), build_specs(args))
         results.save()
         return 0
     specs = build_specs(args)

@@ -38,7 +38,10 @@ and token ids (8 + 8 if the embedding trains) and the RoPE tables (2 (h/a) w / b
 What is assumed rather than measured: which tensors BlockLLM selects (the budget is spread evenly over
 the layers, and backward reaches layer 0, which holds whenever the embeddings are trained); DeepSpeed's
 bf16 layout (fp32 master, fp32 gradients, fp32 moments of the trained parameters, one reduce bucket from
-ZeRO-2); FSDP2 holding two unsharded layers; step temporaries not divided over ranks (one GPU); torchao's
+ZeRO-2; ZeRO-3 keeps a full reduce bucket and the fp32 gradient partitions from initialisation, as its
+stage3.py allocates them; torch AdamW's foreach temporaries one param group, i.e. one BlockLLM block, at a
+time under our DeepSpeed backend); FSDP2 with bf16 as mixed precision (fp32 sharded parameters, gradients
+and moments, bf16 gathered layers and activations); FSDP2 holding two unsharded layers; step temporaries not divided over ranks (one GPU); torchao's
 and GaLore's step temporaries (sized to agree with ../shared/notes/gpu-measurements.md, not derived);
 no CUDA-only workspaces (attention kernels: the H100's 1B batch-16 runs without checkpointing sit ~5%
 above the prediction) and no allocator fragmentation (that is the reserved memory).
@@ -183,8 +186,11 @@ def predict(setup: Setup) -> Prediction:
     tensors = llama_tensors(shape)
     w = DTYPE_BYTES[setup.dtype]
     deepspeed = setup.backend.startswith("zero")
-    plan = optimizer_plan(setup, tensors, w, state_w=4 if deepspeed else w)
-    parts = {"weights": sum(t.numel for t in tensors) * w, "master": plan.master, "states": plan.states}
+    # FSDP2 with bf16 is mixed precision: the sharded parameters, their gradients and the Adam moments
+    # stay fp32; only the gathered layers and the activations are bf16.
+    param_w = 4 if setup.backend == "fsdp2" else w
+    plan = optimizer_plan(setup, tensors, param_w, state_w=4 if deepspeed else param_w)
+    parts = {"weights": sum(t.numel for t in tensors) * param_w, "master": plan.master, "states": plan.states}
     tokens = setup.batch_size * setup.seq_len
     logits = 12 * tokens * shape.vocab
     largest = max(t.numel for t in tensors) * w
@@ -310,14 +316,25 @@ def _apply_backend(setup: Setup, parts: dict, phases: dict, plan: Plan, shape: S
         if setup.dtype == "bf16":
             parts["master"] += 4 * plan.trained // sharded
             phases["step"] += 4 * plan.trained // sharded  # fp32 gradients of the master copy
+        if setup.optimizer == "blockllm" and plan.step_temp:
+            # Our DeepSpeed backend gives every trained block its own param group, and torch's foreach
+            # AdamW allocates its temporaries one group at a time: the largest block's, not all of them.
+            largest = max(t.numel for t in llama_tensors(shape))
+            phases["step"] -= plan.step_temp - min(plan.step_temp, 4 * largest)
         parts["states"] //= sharded
-        if stage >= 2:
+        if stage == 2:
             phases["step"] -= plan.grads - plan.grads // world - min(setup.reduce_bucket_size, plan.trained) * w
         if stage == 3:
             parts["weights"] //= world
+            # ZeRO-3 allocates its reduce bucket (reduce_bucket_size elements, full size whatever the model)
+            # and the flat buffer of gradient partitions at initialisation and keeps both.
+            parts["buffers"] = setup.reduce_bucket_size * w
+            moved = 4 * plan.trained // world if setup.dtype == "bf16" else plan.grads // world
+            parts["buffers"] += moved
+            phases["step"] -= plan.grads + (moved if setup.dtype == "bf16" else 0)
     elif setup.backend == "fsdp2":
         layer = sum(t.numel for t in llama_tensors(shape) if t.layer == 0) * w
-        parts["weights"] = parts["weights"] // world + 2 * layer
+        parts["weights"] = parts["weights"] // world + 2 * layer  # two gathered layers, in the compute dtype
         parts["states"] //= world
         phases["step"] -= plan.grads - plan.grads // world
 

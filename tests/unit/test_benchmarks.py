@@ -336,3 +336,18 @@ def test_scaling_presets_build():
     assert len(dry) == 8 and {s.gpus for s in dry} == {1, 2} and {s.backend for s in dry} == {"zero3", "fsdp2"}
     assert all(s.model == "tiny" and s.dtype == "fp32" and s.batch_size == 2 and s.seq_len == 64 for s in dry)
     assert all(int(dict(s.flags)["patience"]) < s.steps for s in dry if s.optimizer == "blockllm")
+
+
+def test_report_only_recomputes_predictions_from_the_grid_spec():
+    """A stale prediction is replaced; the grid's spec (which spells out flags whose default changed) wins
+    over the stored one, and the measurement is left alone."""
+    known = memory.launcher_flags()
+    old = RunSpec("blockllm", "blockllm", "1b", 16, flags=(("sparsity", "0.9"),))
+    pinned = RunSpec("blockllm", "blockllm", "1b", 16, flags=(("sparsity", "0.9"), ("checkpoint_scoring_steps", "false")))
+    entry = {"key": old.key, "spec": old.as_dict(), "predicted_gib": 1.0, "peak_allocated_gib": 13.0}
+    memory.refresh_predictions([entry], known, [])
+    assert entry["predicted_gib"] == memory.prediction(old, known)["predicted_gib"] != 1.0
+    memory.refresh_predictions([entry], known, [pinned])
+    assert entry["predicted_gib"] == memory.prediction(pinned, known)["predicted_gib"]
+    assert entry["predicted_gib"] > memory.prediction(old, known)["predicted_gib"]  # full-depth scoring step
+    assert entry["peak_allocated_gib"] == 13.0
