@@ -3,11 +3,15 @@ like the uninterrupted one, with the selection (and its requires_grad flags) res
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from blockllm_scale.config import ConfigError
 from blockllm_scale.data import DataConfig, build_datasets
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
 from blockllm_scale.models import build_model
@@ -91,13 +95,27 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, train_set):
     assert whole.blockllm.selection.reselections == second.blockllm.selection.reselections
 
 
-def test_deepspeed_config_is_refused_in_one_line(tmp_path, train_set, monkeypatch):
-    """The Trainer would pass BlockLLM to deepspeed.initialize, which cannot follow block switches."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-          "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, deepspeed=ds)
-    with pytest.raises(ConfigError, match=r"BlockLLMTrainer does not support .*deepspeed launch/pretrain.py") as err:
-        BlockLLMTrainer(model=build_model("tiny"), args=args, train_dataset=train_set,
-                        data_collator=causal_lm_collator, blockllm_settings=SETTINGS)
-    assert "\n" not in str(err.value)
+def test_deepspeed_config_is_refused_in_one_line(tmp_path):
+    """The Trainer would pass BlockLLM to deepspeed.initialize, which cannot follow block switches. Run in a
+    child process: a Trainer with a DeepSpeed config leaves accelerate's process-wide state set to DeepSpeed."""
+    script = f"""
+import os
+os.environ["DS_ACCELERATOR"] = "cpu"
+from transformers import TrainingArguments
+from blockllm_scale.config import ConfigError
+from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
+from blockllm_scale.models import build_model
+ds = {{"zero_optimization": {{"stage": 2}}, "train_micro_batch_size_per_gpu": "auto",
+      "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}}
+args = TrainingArguments(output_dir={str(tmp_path)!r}, max_steps=2, report_to=[], use_cpu=True, deepspeed=ds)
+try:
+    BlockLLMTrainer(model=build_model("tiny"), args=args, data_collator=causal_lm_collator,
+                    blockllm_settings={{"sparsity": 0.5}})
+except ConfigError as error:
+    print("REFUSED:", error)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    refused = [line for line in out.stdout.splitlines() if line.startswith("REFUSED:")]
+    assert refused, out.stdout + out.stderr
+    assert re.search(r"BlockLLMTrainer does not support .*deepspeed launch/pretrain.py", refused[0])
