@@ -70,7 +70,7 @@ class BlockLLM(torch.optim.Optimizer):
         self._step_hooks: list = []
         self._masks: dict[int, torch.Tensor] = {}
         self._scored: list[int] = []  # flat indices of the tensors the scorer is measuring
-        self._pending_losses: list[float] = []
+        self._pending_losses: list[torch.Tensor | float] = []
         self._warned_no_loss = False
         # Set by delegate_update: returns the optimizer a backend (DeepSpeed) steps for us.
         self._delegate: Callable[[], torch.optim.Optimizer | None] | None = None
@@ -268,7 +268,8 @@ class BlockLLM(torch.optim.Optimizer):
     # ----- the step ---------------------------------------------------------------------------
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Hand over this micro-batch's loss; the mean over a step's micro-batches drives reselection."""
-        self._pending_losses.append(float(loss.detach()) if torch.is_tensor(loss) else float(loss))
+        # Tensors are kept (detached) and read at step(): one device sync per step, not per micro-batch.
+        self._pending_losses.append(loss.detach() if torch.is_tensor(loss) else float(loss))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -338,7 +339,10 @@ class BlockLLM(torch.optim.Optimizer):
                               "or the selection never changes", stacklevel=3)
                 self._warned_no_loss = True
             return None
-        loss = sum(self._pending_losses) / len(self._pending_losses)
+        tensors = [x.reshape(()).double() for x in self._pending_losses if torch.is_tensor(x)]
+        values = iter(torch.stack(tensors).cpu().tolist() if tensors else [])
+        losses = [next(values) if torch.is_tensor(x) else x for x in self._pending_losses]
+        loss = sum(losses) / len(losses)
         self._pending_losses = []
         return self.reduce_loss(loss)
 

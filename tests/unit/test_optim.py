@@ -712,3 +712,16 @@ def test_scoring_step_property_says_when_the_next_backward_scores():
         assert opt.scoring_step == scoring_after == opt.selection.scoring, step
     with pytest.raises(AttributeError):
         opt.scoring_step = True  # read-only
+
+
+def test_step_loss_is_the_mean_of_the_micro_batch_losses_tensors_and_numbers_alike():
+    # Tensors are read at step() (one device sync per step); the mean is taken in float64 either way.
+    model = tiny_llama()
+    opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.5, patience=50)
+    for step, micro in enumerate([[1.0], [torch.tensor(2.0), 4.0, torch.tensor([6.0], dtype=torch.bfloat16)]]):
+        lm_loss(model, batch(step)).backward()
+        for loss in micro:
+            opt.record_loss(loss)
+        opt.step()
+        opt.zero_grad()
+    assert opt.selection.losses == [4.0]  # step 0's loss is not kept (H starts empty)
