@@ -326,12 +326,14 @@ def test_scaling_efficiency_from_two_results(tmp_path):
 
 def test_scaling_presets_build():
     specs = PRESETS["issue8-scaling"]()
-    assert len(specs) == 2 * 2 * 2 * 4 and len({s.key for s in specs}) == len(specs)
+    assert len(specs) == 2 * 2 * 2 * 4 + 2 * 4 and len({s.key for s in specs}) == len(specs)
     assert {(s.model, s.batch_size) for s in specs} == {("1b", 16), ("7b", 4)} and {s.gpus for s in specs} == {1, 2, 4, 8}
     assert {s.backend for s in specs} == {"zero3", "fsdp2"} and all(s.checkpointing and s.dtype == "bf16" for s in specs)
     blockllm = [s for s in specs if s.optimizer == "blockllm"]
-    assert len(blockllm) == 16 and all(dict(s.flags)["sparsity"] == "0.9" and s.steps == 200 for s in blockllm)
-    assert len(select(specs, ["gpus2"])) == 8 and len(select(specs, ["gpus1"])) == 8
+    assert len(blockllm) == 24 and all(dict(s.flags)["sparsity"] == "0.9" and s.steps == 200 for s in blockllm)
+    eight_bit = {(s.backend, dict(s.flags).get("states")) for s in blockllm if s.model == "7b" and "states" in dict(s.flags)}
+    assert eight_bit == {("zero3", "bnb_8bit"), ("fsdp2", "torchao_8bit")}
+    assert len(select(specs, ["gpus2"])) == 10 and len(select(specs, ["gpus1"])) == 10
     dry = PRESETS["issue8-cpu-dryrun"]()
     assert len(dry) == 8 and {s.gpus for s in dry} == {1, 2} and {s.backend for s in dry} == {"zero3", "fsdp2"}
     assert all(s.model == "tiny" and s.dtype == "fp32" and s.batch_size == 2 and s.seq_len == 64 for s in dry)
