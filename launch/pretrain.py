@@ -199,16 +199,23 @@ def checkpoint_this_step(model, optimizer, train: TrainConfig) -> None:
         train.checkpoint_scoring_steps and isinstance(optimizer, BlockLLM) and optimizer.scoring_step)
     hf_model = model if isinstance(model, PreTrainedModel) else model.module
     # HF's is_gradient_checkpointing, without the deprecation warning transformers 5 attaches to it.
-    if any(getattr(m, "gradient_checkpointing", False) for m in hf_model.modules()) == wanted:
-        return
-    # transformers 5 renamed gradient_* to activation_checkpointing_* (the old names warn at every call).
+    if any(getattr(m, "gradient_checkpointing", False) for m in hf_model.modules()) != wanted:
+        set_activation_checkpointing(hf_model, wanted)
+
+
+def set_activation_checkpointing(hf_model, on: bool) -> None:
+    """HF activation checkpointing on or off, non-reentrant: with reentrant checkpointing and frozen
+    inputs no gradient reaches the selected layers (integration notes)."""
+    # transformers 5.2x renamed gradient_* to activation_checkpointing_* (the old names warn at every call).
     renamed = hasattr(hf_model, "activation_checkpointing_enable")
-    if wanted:
+    if on:
         if renamed:
             hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        hf_model.disable_input_require_grads()  # as in train_loop: keep backward above frozen layers
+        # Enabling also makes the embedding output require grad (reentrant checkpointing needs that), so
+        # backward would run through every frozen layer below the selected ones.
+        hf_model.disable_input_require_grads()
     elif renamed:
         hf_model.activation_checkpointing_disable()
     else:
@@ -248,13 +255,8 @@ def train_loop(sections: dict) -> list[float]:
     train_set, eval_set = build_datasets(data)
     with torch.device(backend.device):  # initialise in place: a 7B never passes through host memory
         model = build_model(train.model, vocab_size=model_vocab_size(data, tokenizer), dtype=DTYPES[train.dtype])
-    if train.activation_checkpointing:
-        # Non-reentrant: with reentrant checkpointing and frozen inputs no gradient reaches the
-        # selected layers (integration notes).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # transformers 5 also makes the embedding output require grad (reentrant checkpointing needs
-        # that), so backward would run through every frozen layer below the selected ones.
-        model.disable_input_require_grads()
+    if train.activation_checkpointing:  # before the backend wraps the model (DeepSpeed, FSDP2)
+        set_activation_checkpointing(model, True)
     model.to(backend.device)
     optimizer = build_optimizer(train, blockllm_cfg, model, sections)
     check_steps_in_backward(optimizer, train, backend)
