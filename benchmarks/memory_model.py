@@ -19,7 +19,10 @@ phases (transient; the largest one counts)
               gradient and its step temporaries
   step        gradients held (n w; /W from ZeRO-2) + fp32 gradients (DeepSpeed, BAdam) + the step's
               temporaries (torch's foreach AdamW: one moment-sized buffer; torchao: fp32 moments of the
-              largest tensor; GaLore 8-bit: an SVD of the largest projected weight in fp32)
+              largest tensor; GaLore 8-bit: an SVD of the largest projected weight in fp32). ZeRO-1/2 with
+              bf16 go one param group g at a time (stage_1_and_2.py): max(n w + g w + 4g, n w - g w + 4g +
+              temporaries of g), g = all trained parameters for one-group optimizers, one block for BlockLLM
+              (our DeepSpeed backend gives each block its group)
   scoring     BlockLLM's scoring step: full-depth activations (every candidate trainable) + one gradient;
               with checkpoint_scoring_steps (the launcher's default) the launcher recomputes activations
               on scoring steps only, so without checkpointing this phase takes the checkpointed terms
@@ -39,9 +42,9 @@ What is assumed rather than measured: which tensors BlockLLM selects (the budget
 the layers, and backward reaches layer 0, which holds whenever the embeddings are trained); DeepSpeed's
 bf16 layout (fp32 master, fp32 gradients, fp32 moments of the trained parameters, one reduce bucket from
 ZeRO-2; ZeRO-3 keeps a full reduce bucket and the fp32 gradient partitions from initialisation, as its
-stage3.py allocates them; torch AdamW's foreach temporaries one param group, i.e. one BlockLLM block, at a
-time under our DeepSpeed backend); FSDP2 with bf16 as mixed precision (fp32 sharded parameters, gradients
-and moments, bf16 gathered layers and activations); FSDP2 holding two unsharded layers; step temporaries not divided over ranks (one GPU); torchao's
+stage3.py allocates them); FSDP2 with bf16 as mixed precision (fp32 sharded parameters, gradients
+and moments, bf16 gathered layers and activations); FSDP2 holding two unsharded layers (and, on a scoring
+step, two layers' gradients in flight); step temporaries not divided over ranks (one GPU); torchao's
 and GaLore's step temporaries (sized to agree with ../shared/notes/gpu-measurements.md, not derived);
 no CUDA-only workspaces (attention kernels: the H100's 1B batch-16 runs without checkpointing sit ~5%
 above the prediction) and no allocator fragmentation (that is the reserved memory).
@@ -313,14 +316,21 @@ def _apply_backend(setup: Setup, parts: dict, phases: dict, plan: Plan, shape: S
     if setup.backend.startswith("zero"):
         stage = int(setup.backend[-1])
         sharded = world if stage >= 1 else 1
+        # Our DeepSpeed backend gives every trained block its own param group; DeepSpeed's optimizers and
+        # torch's foreach AdamW work one group at a time, so their buffers are one block's, not all of them.
+        largest = max(t.numel for t in llama_tensors(shape))
+        group = min(plan.trained, largest) if setup.optimizer == "blockllm" else plan.trained
+        temp = min(plan.step_temp, 4 * largest) if setup.optimizer == "blockllm" else plan.step_temp
         if setup.dtype == "bf16":
             parts["master"] += 4 * plan.trained // sharded
-            phases["step"] += 4 * plan.trained // sharded  # fp32 gradients of the master copy
-        if setup.optimizer == "blockllm" and plan.step_temp:
-            # Our DeepSpeed backend gives every trained block its own param group, and torch's foreach
-            # AdamW allocates its temporaries one group at a time: the largest block's, not all of them.
-            largest = max(t.numel for t in llama_tensors(shape))
-            phases["step"] -= plan.step_temp - min(plan.step_temp, 4 * largest)
+        if setup.dtype == "bf16" and stage in (1, 2):
+            # ZeRO-1/2's step (stage_1_and_2.py), per group: flatten its bf16 gradients, cast the flat copy to
+            # fp32, free the copy and the group's gradients, step, free the fp32 gradient. Peak: every
+            # gradient + one group's flat copy + its fp32 cast, or the fp32 cast + the AdamW temporaries.
+            part = group // sharded
+            phases["step"] = max(plan.grads + part * w + 4 * part, plan.grads - part * w + 4 * part + temp)
+        else:
+            phases["step"] += (4 * plan.trained // sharded if setup.dtype == "bf16" else 0) - plan.step_temp + temp
         parts["states"] //= sharded
         if stage == 2:
             phases["step"] -= plan.grads - plan.grads // world - min(setup.reduce_bucket_size, plan.trained) * w
@@ -333,8 +343,14 @@ def _apply_backend(setup: Setup, parts: dict, phases: dict, plan: Plan, shape: S
             parts["buffers"] += moved
             phases["step"] -= plan.grads + (moved if setup.dtype == "bf16" else 0)
     elif setup.backend == "fsdp2":
-        layer = sum(t.numel for t in llama_tensors(shape) if t.layer == 0) * w
-        parts["weights"] = parts["weights"] // world + 2 * layer  # two gathered layers, in the compute dtype
+        layer_numel = sum(t.numel for t in llama_tensors(shape) if t.layer == 0)
+        parts["weights"] = parts["weights"] // world + 2 * layer_numel * w  # two gathered layers, compute dtype
+        if "scoring" in phases:
+            # A scoring step's gradients reach the hooks only after FSDP2's reduce-scatter, a whole layer at a
+            # time: the layer's unsharded gradients (compute dtype) and its fp32 reduce buffer, for the layer
+            # being reduced and the one whose backward overlaps it, stand where one gradient stood.
+            largest = max(t.numel for t in llama_tensors(shape)) * w
+            phases["scoring"] += 2 * layer_numel * (w + 4) - largest
         parts["states"] //= world
         phases["step"] -= plan.grads - plan.grads // world
 
