@@ -353,3 +353,16 @@ def test_report_only_recomputes_predictions_from_the_grid_spec():
     assert entry["predicted_gib"] == memory.prediction(pinned, known)["predicted_gib"]
     assert entry["predicted_gib"] > memory.prediction(old, known)["predicted_gib"]  # full-depth scoring step
     assert entry["peak_allocated_gib"] == 13.0
+
+
+def test_zero12_step_phase_follows_deepspeeds_group_at_a_time_step():
+    """ZeRO-1/2 with bf16 cast and step one param group at a time: a one-group AdamW holds its bf16 gradients,
+    their flat copy and the fp32 cast (or the cast and foreach AdamW's temporaries), 8 bytes per parameter;
+    BlockLLM's one-group-per-block layout holds every bf16 gradient but only one block's copies."""
+    n = sum(t.numel for t in llama_tensors(model_shape("60m")))
+    adamw = predict(Setup(optimizer="adamw", model="60m", batch_size=2, backend="zero1"))
+    assert adamw.parts["step"] == max(2 * n + 2 * n + 4 * n, 2 * n - 2 * n + 4 * n + 4 * n) == 8 * n
+    blockllm = predict(Setup(optimizer="blockllm", model="60m", batch_size=2, backend="zero1", sparsity=0.5))
+    largest = max(t.numel for t in llama_tensors(model_shape("60m")))
+    trained_bf16 = blockllm.parts["master"] // 2  # master is 4 bytes per trained parameter at world size 1
+    assert blockllm.parts["step"] == trained_bf16 + 2 * largest + 4 * largest
