@@ -206,7 +206,7 @@ def predict(setup: Setup) -> Prediction:
         scoring_setup = replace(setup, checkpointing=setup.checkpointing or setup.checkpoint_scoring_steps)
         saved, recompute = activation_bytes(shape, w, scoring_setup, None, True, True)
         phases["scoring"] = saved + max(logits, recompute) + largest
-    _apply_backend(setup, parts, phases, plan, shape, w)
+    _apply_backend(setup, parts, phases, plan, tensors, w)
     phase = max(phases, key=phases.get)
     persistent = sum(parts.values())
     return Prediction(persistent + phases[phase], phase, {**parts, **phases})
@@ -310,15 +310,15 @@ def activation_bytes(shape: Shape, w: int, setup: Setup, layers: list[float | No
     return int((saved + outside) * tokens), int(recompute * tokens)
 
 
-def _apply_backend(setup: Setup, parts: dict, phases: dict, plan: Plan, shape: Shape, w: int) -> None:
+def _apply_backend(setup: Setup, parts: dict, phases: dict, plan: Plan, tensors: list[Tensor], w: int) -> None:
     """Shard and add what DeepSpeed (bf16) or FSDP2 keep; plain leaves everything as it is."""
     world = setup.world_size
+    largest = max(t.numel for t in tensors)
     if setup.backend.startswith("zero"):
         stage = int(setup.backend[-1])
         sharded = world if stage >= 1 else 1
         # Our DeepSpeed backend gives every trained block its own param group; DeepSpeed's optimizers and
         # torch's foreach AdamW work one group at a time, so their buffers are one block's, not all of them.
-        largest = max(t.numel for t in llama_tensors(shape))
         group = min(plan.trained, largest) if setup.optimizer == "blockllm" else plan.trained
         temp = min(plan.step_temp, 4 * largest) if setup.optimizer == "blockllm" else plan.step_temp
         if setup.dtype == "bf16":
@@ -343,14 +343,13 @@ def _apply_backend(setup: Setup, parts: dict, phases: dict, plan: Plan, shape: S
             parts["buffers"] += moved
             phases["step"] -= plan.grads + (moved if setup.dtype == "bf16" else 0)
     elif setup.backend == "fsdp2":
-        layer_numel = sum(t.numel for t in llama_tensors(shape) if t.layer == 0)
+        layer_numel = sum(t.numel for t in tensors if t.layer == 0)
         parts["weights"] = parts["weights"] // world + 2 * layer_numel * w  # two gathered layers, compute dtype
         if "scoring" in phases:
             # A scoring step's gradients reach the hooks only after FSDP2's reduce-scatter, a whole layer at a
             # time: the layer's unsharded gradients (compute dtype) and its fp32 reduce buffer, for the layer
             # being reduced and the one whose backward overlaps it, stand where one gradient stood.
-            largest = max(t.numel for t in llama_tensors(shape)) * w
-            phases["scoring"] += 2 * layer_numel * (w + 4) - largest
+            phases["scoring"] += 2 * layer_numel * (w + 4) - largest * w
         parts["states"] //= world
         phases["step"] -= plan.grads - plan.grads // world
 
