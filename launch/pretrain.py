@@ -78,6 +78,10 @@ class TrainConfig:
     backend: str = field(default="auto", metadata={"help": "plain, deepspeed, fsdp2, accelerate; auto: from the launcher"})
     ds_config: str = field(default="", metadata={"help": "DeepSpeed JSON config (selects the deepspeed backend)"})
     device: str = field(default="", metadata={"help": "plain backend: cpu or cuda (default: cuda if present)"})
+    memory_snapshot: str = field(default="", metadata={"help": "CUDA: record every allocation of rank 0 and write "
+                                 "a torch.cuda.memory snapshot (pickle) here at the end; open it at "
+                                 "pytorch.org/memory_viz or list what is live at the peak with "
+                                 "benchmarks/peak_breakdown.py"})
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "eval_batches")
@@ -250,6 +254,11 @@ def train_loop(sections: dict) -> list[float]:
     backend = make_backend(train)
     if hasattr(backend, "resolve_settings"):  # --ds_config: the JSON's batch sizes, bf16 and "blockllm" section
         train, blockllm_cfg = backend.resolve_settings(train, blockllm_cfg)
+    if train.memory_snapshot and backend.device.type != "cuda":
+        raise ConfigError(f"--memory_snapshot records CUDA allocations; this run is on {backend.device.type}")
+    recording = bool(train.memory_snapshot) and backend.rank == 0
+    if recording:  # from before the model exists, so replaying the trace from zero gives every live tensor
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     torch.manual_seed(train.seed)
     tokenizer = load_tokenizer(data.tokenizer)
     train_set, eval_set = build_datasets(data)
@@ -323,6 +332,11 @@ def train_loop(sections: dict) -> list[float]:
                       "checkpoint; --resume auto continues", flush=True)
             break
     progress.close()
+    if recording:
+        Path(train.memory_snapshot).parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(train.memory_snapshot)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        print(f"[pretrain] memory snapshot: {train.memory_snapshot}", flush=True)
     return losses
 
 

@@ -366,3 +366,33 @@ def test_zero12_step_phase_follows_deepspeeds_group_at_a_time_step():
     largest = max(t.numel for t in llama_tensors(model_shape("60m")))
     trained_bf16 = blockllm.parts["master"] // 2  # master is 4 bytes per trained parameter at world size 1
     assert blockllm.parts["step"] == trained_bf16 + 2 * largest + 4 * largest
+
+
+def test_peak_breakdown_replays_the_trace_to_the_peak():
+    """A hand-made allocation trace: the peak is the largest live total (frees counted when requested),
+    and the live tensors are grouped by their innermost frame in this repo or a library."""
+    from benchmarks.peak_breakdown import breakdown
+
+    def frames(*files):
+        return [{"filename": f, "line": 1, "name": "f"} for f in files]
+
+    head = frames("/x/torch/nn/functional.py", "/x/site-packages/transformers/models/llama/modeling_llama.py")
+    state = frames("/x/site-packages/bitsandbytes/optim/optimizer.py", "/repo/blockllm_scale/optim.py")
+    square = frames("/x/torch/_tensor.py", "/repo/blockllm_scale/scoring.py")
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": state},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": head},
+        {"action": "free_requested", "addr": 2, "size": 50},
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": square},
+        {"action": "alloc", "addr": 4, "size": 40, "frames": square},  # the peak: 100 + 30 + 40
+        {"action": "free_requested", "addr": 3, "size": 30},
+        {"action": "alloc", "addr": 5, "size": 60, "frames": head},  # 100 + 40 + 60 = 200: the new peak
+        {"action": "free_requested", "addr": 5, "size": 60},
+    ]
+    peak, rows = breakdown({"device_traces": [trace]})
+    assert peak.bytes == 200 and peak.event == 7 and set(peak.live) == {1, 4, 5}
+    assert [(name.split(":")[0], size, count) for name, size, count in rows] == [
+        ("bitsandbytes/optim/optimizer.py", 100, 1),
+        ("transformers/models/llama/modeling_llama.py", 60, 1),
+        ("blockllm_scale/scoring.py", 40, 1)]

@@ -50,6 +50,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     (["--resume", "/nonexistent/ckpt"], "--resume"),
     (["--granularity", "row"], "granularity"),
     (["--step_in_backward", "--grad_accum", "2"], "--grad_accum 1"),
+    (["--device", "cpu", "--memory_snapshot", "snap.pickle"], "--memory_snapshot"),
 ])
 def test_configuration_mistakes_are_one_line(flags, names, tmp_path, capsys):
     # In-process: main() is what the command line runs, and a fresh interpreter per case costs ~10 s.
