@@ -181,11 +181,22 @@ class Results:
         return {r["key"] for r in self.data["results"] if r["status"] not in retry}
 
     def add(self, entry: dict) -> None:
-        """Append a result; one for the same configuration moves to "superseded" (nothing is deleted)."""
-        old = [r for r in self.data["results"] if r["key"] == entry["key"]]
-        self.data.setdefault("superseded", []).extend(old)
-        self.data["results"] = [r for r in self.data["results"] if r["key"] != entry["key"]] + [entry]
+        """Add a result, in the place of one for the same configuration (which moves to "superseded":
+        nothing is deleted), so a re-run keeps the table in the grid's order."""
+        results = self.data["results"]
+        old = [i for i, r in enumerate(results) if r["key"] == entry["key"]]
+        self.data.setdefault("superseded", []).extend(results[i] for i in old)
+        if old:
+            results[old[0]] = entry
+            self.data["results"] = [r for i, r in enumerate(results) if i not in old[1:]]
+        else:
+            results.append(entry)
         self.save()
+
+    def order_as(self, specs: list[RunSpec]) -> None:
+        """Results in the grid's order (those of configurations no longer in it last)."""
+        rank = {spec.key: i for i, spec in enumerate(specs)}
+        self.data["results"].sort(key=lambda r: rank.get(r["key"], len(rank)))
 
     def start_invocation(self, info: dict) -> int:
         self.data["invocations"].append(info)
@@ -294,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = Results(args.results_dir, args.name, args.mirror)
     if args.report_only:
-        refresh_predictions(results.data["results"], launcher_flags(), build_specs(args))
+        specs = build_specs(args)
+        refresh_predictions(results.data["results"], launcher_flags(), specs)
+        results.order_as(specs)
         results.save()
         return 0
     specs = build_specs(args)

@@ -310,12 +310,16 @@ def train_loop(sections: dict) -> list[float]:
             backend.backward(loss, train.grad_accum)
             micro_losses.append(loss.detach().float().item())
         lr = float(scheduler.get_last_lr()[0])  # a tensor for optimizers that keep it in one (torchao)
+        # Read before the step too: DeepSpeed resets the peak counters when our backend rebuilds its engine at
+        # a block switch (its see_memory_usage), which would hide the backward peak of the step that switches.
+        peak_before_step = peak_memory_gib(backend.device)
         backend.step()
         tokens_seen += tokens_per_step
         step_loss = backend.all_reduce_mean(sum(micro_losses) / len(micro_losses))
         losses.append(step_loss)
         record = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
-                  "tokens_per_s": throughput.tokens_per_second(tokens_per_step), **peak_memory_gib(backend.device)}
+                  "tokens_per_s": throughput.tokens_per_second(tokens_per_step),
+                  **{k: max(v, peak_before_step[k]) for k, v in peak_memory_gib(backend.device).items()}}
         if blockllm is not None:
             record.update(selected_fraction=blockllm.selected_fraction, scoring=blockllm.selection.scoring,
                           reselected=blockllm.selection.reselections != reselections_before)

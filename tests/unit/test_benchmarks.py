@@ -396,3 +396,22 @@ def test_peak_breakdown_replays_the_trace_to_the_peak():
         ("bitsandbytes/optim/optimizer.py", 100, 1),
         ("transformers/models/llama/modeling_llama.py", 60, 1),
         ("blockllm_scale/scoring.py", 40, 1)]
+
+
+def test_a_rerun_replaces_its_result_in_place_and_keeps_the_old_one(tmp_path):
+    specs = [RunSpec(name, name, "tiny", 2) for name in ("adamw", "adamw8bit", "galore")]
+
+    def result(spec, run):
+        return {"key": spec.key, "spec": spec.as_dict(), "status": "ok", "reason": "", "notes": [], "steps_done": 4,
+                "tokens_per_s_median": 1.0, "tokens_per_s_mean": 1.0, "peak_allocated_gib": 1.0, "run": run}
+
+    results = memory.Results(tmp_path, "order")
+    for spec in specs:
+        results.add(result(spec, 1))
+    results.add(result(specs[0], 2))  # re-run of the first
+    assert [(r["key"], r["run"]) for r in results.data["results"]] == [
+        (specs[0].key, 2), (specs[1].key, 1), (specs[2].key, 1)]
+    assert results.data["superseded"] == [result(specs[0], 1)]
+    results.data["results"].reverse()  # a file written before: --report_only puts it in the grid's order
+    results.order_as(specs)
+    assert [r["key"] for r in results.data["results"]] == [s.key for s in specs]
