@@ -72,6 +72,11 @@ def summarize(records: list[dict], warmup: int) -> dict:
         out["selected_fraction"] = statistics.mean(r["selected_fraction"] for r in records)
         out["reselections"] = sum(bool(r.get("reselected")) for r in records)
         out["scoring_steps"] = sum(bool(r.get("scoring")) for r in records)
+        # How deep the timed steps' backward went (-1: to the embeddings), which sets most of their time.
+        # (None, only the head trained, is left out.)
+        depths = [r.get("lowest_trained_layer") for r in records if r["step"] > warmup]
+        if any(d is not None for d in depths):
+            out["lowest_trained_layer_mean"] = statistics.mean(d for d in depths if d is not None)
     return out
 
 
@@ -136,7 +141,8 @@ def run_config(spec: RunSpec, known: dict, device: str, timeout_s: float) -> dic
     result = {"status": status, "reason": reason, "notes": notes, "wall_s": round(time.monotonic() - started, 1),
               "command": shlex.join(argv).replace(out_dir, "<out_dir>"), **summary}
     result["steps"] = [{k: r[k] for k in ("step", "loss", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib",
-                                          "peak_rss_gib", "selected_fraction", "scoring", "reselected") if k in r}
+                                          "peak_rss_gib", "selected_fraction", "scoring", "reselected", "lowest_trained_layer")
+                        if k in r}
                        for r in records]
     return result
 

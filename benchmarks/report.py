@@ -63,6 +63,8 @@ def notes(entry: dict) -> str:
     parts += entry.get("notes", [])
     if "selected_fraction" in entry:
         parts.append(f"trained {entry['selected_fraction']:.3f} of params, {entry.get('reselections', 0)} reselections")
+    if "lowest_trained_layer_mean" in entry:
+        parts.append(f"backward down to layer {entry['lowest_trained_layer_mean']:.1f} on average (-1: embeddings)")
     if entry.get("predicted_phase"):
         parts.append(f"predicted peak in {entry['predicted_phase']}")
     return "; ".join(parts).replace("|", "/")

@@ -134,6 +134,13 @@ class BlockLLM(torch.optim.Optimizer):
         trained = set(self._always) | set(self.selection.selected)
         return sum(self.blocks[b].numel for b in trained) / sum(block.numel for block in self.blocks)
 
+    @property
+    def lowest_trained_layer(self) -> int | None:
+        """The lowest decoder layer this step trains (-1: the input embeddings; None: no layer), which sets
+        how deep backward goes and so most of a sparse step's time and activation memory."""
+        trained = self._trained_indices()
+        return sel.lowest_trained_layer([n for i, n in enumerate(self._names) if i in trained])
+
     def _adam_optimizers(self) -> list[torch.optim.Optimizer]:
         delegated = self._delegate() if self._delegate is not None else None
         return list(self._per_tensor.values()) + [o for o in (self._inner, delegated) if o is not None]

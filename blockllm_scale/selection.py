@@ -35,6 +35,22 @@ def is_embedding(name: str) -> bool:
     return bool(_EMBEDDING_NAME.search(name))
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to ("model.layers.3.mlp.up_proj.weight" -> 3), else None."""
+    match = _LAYER_PREFIX.match(name)
+    return int(match.group(1).rsplit(".", 1)[1]) if match else None
+
+
+def lowest_trained_layer(names: Sequence[str]) -> int | None:
+    """How far down a backward pass that trains ``names`` must go: the lowest decoder layer among them,
+    -1 when an input embedding is among them (backward reaches the bottom), None when no tensor is in a
+    layer (only the head or the final norm: backward stops above every layer)."""
+    if any(is_embedding(n) and "embed" in n for n in names):
+        return -1
+    layers = [i for i in map(layer_index, names) if i is not None]
+    return min(layers) if layers else None
+
+
 def group_into_blocks(names: Sequence[str], numels: Sequence[int], granularity: str) -> list[Block]:
     """One block per tensor ("parameter"), or all tensors of a decoder layer together ("layer").
 

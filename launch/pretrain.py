@@ -301,6 +301,7 @@ def train_loop(sections: dict) -> list[float]:
     model.train()  # HF checkpoints (checkpoint_this_step) only in train mode
     for step in range(start_step, stop):
         reselections_before = blockllm.selection.reselections if blockllm else 0
+        lowest_trained_layer = blockllm.lowest_trained_layer if blockllm else None  # this step's, before step()
         checkpoint_this_step(model, optimizer, train)
         micro_losses = []
         for _ in range(train.grad_accum):
@@ -322,7 +323,8 @@ def train_loop(sections: dict) -> list[float]:
                   **{k: max(v, peak_before_step[k]) for k, v in peak_memory_gib(backend.device).items()}}
         if blockllm is not None:
             record.update(selected_fraction=blockllm.selected_fraction, scoring=blockllm.selection.scoring,
-                          reselected=blockllm.selection.reselections != reselections_before)
+                          reselected=blockllm.selection.reselections != reselections_before,
+                          lowest_trained_layer=lowest_trained_layer)
         done = step + 1
         if train.eval_every and (done % train.eval_every == 0 or done == stop):
             record["eval_loss"] = evaluate(backend, model, eval_set, train)

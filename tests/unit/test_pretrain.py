@@ -40,6 +40,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
     # The resumed stretch really crossed a block switch, or this test would prove little.
     assert any(r["reselected"] for r in uninterrupted[5:])
+    # Each record says how deep its step's backward went: the tiny LLaMA has 2 layers (-1: the embeddings).
+    assert {r["lowest_trained_layer"] for r in uninterrupted} <= {-1, 0, 1, None}
+    assert [r["lowest_trained_layer"] for r in resumed] == [r["lowest_trained_layer"] for r in uninterrupted]
 
 
 @pytest.mark.parametrize("flags, names", [

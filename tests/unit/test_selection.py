@@ -309,3 +309,11 @@ def test_selection_module_imports_no_distributed_or_frameworks():
     modules = _imported_modules(source)
     assert "torch" in modules  # the parse found the imports at all
     assert not [m for m in modules if _is_forbidden(m)]
+
+
+def test_lowest_trained_layer_is_how_deep_backward_goes():
+    assert sel.layer_index("model.layers.12.mlp.up_proj.weight") == 12 and sel.layer_index("lm_head.weight") is None
+    assert sel.lowest_trained_layer(["model.layers.7.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+                                     "lm_head.weight"]) == 3
+    assert sel.lowest_trained_layer(["model.layers.7.mlp.up_proj.weight", "model.embed_tokens.weight"]) == -1
+    assert sel.lowest_trained_layer(["lm_head.weight", "model.norm.weight"]) is None
