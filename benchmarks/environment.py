@@ -38,7 +38,10 @@ def gpu_names() -> list[str]:
 
 
 def git_commit() -> str:
-    """HEAD (with "+dirty" for local changes); GIT_COMMIT where the checkout has no .git (a copied tree)."""
+    """GIT_COMMIT when set (the GPU machine gets a copy of the working tree whose .git may be a stale one),
+    else HEAD (with "+dirty" for local changes)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
@@ -46,7 +49,7 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         head = None
     if head is None or head.returncode != 0:
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 

@@ -2,7 +2,7 @@
 # The whole reproduction in one GPU sitting (~7.5 minutes on one H100). From the repository root, with
 # .whl/ (galore-torch + bitsandbytes are the ones needed) and .data/reproduce/ (build_corpus.py) carried:
 #
-#     GIT_COMMIT=<git hash> bash benchmarks/reproduce/gpu.sh      # (the copy there has no .git)
+#     GIT_COMMIT=<git hash> bash benchmarks/reproduce/gpu.sh      # (the copy there may carry a stale .git)
 #
 # Runs `run.py all --plan gpu`: 11 memory runs (60M/130M/350M x BlockLLM/GaLore/AdamW at the paper's batch,
 # plus s = 0.7/0.9 at 60M), then 8 pre-training runs of LLaMA-60M (8.2M tokens each, all at once).

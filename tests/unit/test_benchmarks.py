@@ -415,3 +415,13 @@ def test_a_rerun_replaces_its_result_in_place_and_keeps_the_old_one(tmp_path):
     results.data["results"].reverse()  # a file written before: --report_only puts it in the grid's order
     results.order_as(specs)
     assert [r["key"] for r in results.data["results"]] == [s.key for s in specs]
+
+
+def test_git_commit_given_by_the_caller_wins(monkeypatch):
+    # The GPU machine's copy of the tree may carry a stale .git: the hash passed in must be what is recorded.
+    from benchmarks import environment
+
+    monkeypatch.setenv("GIT_COMMIT", "0123abc")
+    assert environment.git_commit() == "0123abc"
+    monkeypatch.delenv("GIT_COMMIT")
+    assert environment.git_commit() != "0123abc"
