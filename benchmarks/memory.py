@@ -140,10 +140,9 @@ def run_config(spec: RunSpec, known: dict, device: str, timeout_s: float) -> dic
         notes.append(f"ran {summary['tokens_per_step']} tokens/step, not the {expected_tokens} asked for")
     result = {"status": status, "reason": reason, "notes": notes, "wall_s": round(time.monotonic() - started, 1),
               "command": shlex.join(argv).replace(out_dir, "<out_dir>"), **summary}
-    result["steps"] = [{k: r[k] for k in ("step", "loss", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib",
-                                          "peak_rss_gib", "selected_fraction", "scoring", "reselected", "lowest_trained_layer")
-                        if k in r}
-                       for r in records]
+    kept = ("step", "loss", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib",
+            "selected_fraction", "scoring", "reselected", "lowest_trained_layer")
+    result["steps"] = [{k: r[k] for k in kept if k in r} for r in records]
     return result
 
 

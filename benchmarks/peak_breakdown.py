@@ -5,8 +5,8 @@
 Replays the allocation trace of ``torch.cuda.memory._dump_snapshot`` (recording started before the model
 existed, so the replay starts from zero), finds the moment the allocated bytes peak, and groups the
 tensors live then by where they were allocated: the innermost frame in this repository or in
-transformers / bitsandbytes / torchao / deepspeed (torch's own frames are skipped), else the innermost. This is how the memory
-model's terms are checked against a real run rather than guessed.
+transformers / bitsandbytes / torchao / deepspeed (torch's own frames are skipped), else the innermost.
+This is how the memory model's terms are checked against a real run rather than guessed.
 """
 
 from __future__ import annotations
