@@ -99,9 +99,9 @@ def markdown(data: dict) -> str:
     lines += ["", "Synthetic tokens; vocabulary as the size defines it (GaLore's 32000; tiny: 8192). tok/s median: "
               "steps after warm-up; run mean: total tokens / total time of those steps (counts BlockLLM's scoring "
               "steps); both count the tokens of all GPUs. batch is per GPU (process). tok/s/GPU: the median / GPUs; "
-              "scaling eff.: tok/s/GPU over that of the same configuration on 1 GPU. Peak memory is rank 0's "
-              f"({'torch.cuda.max_memory_allocated on its GPU' if on_gpu else 'its process peak RSS'}): the launcher's "
-              "metrics.jsonl is written by rank 0 alone, so other ranks' peaks are not recorded. predicted: "
+              "scaling eff.: tok/s/GPU over that of the same configuration on 1 GPU. Peak memory per GPU is the "
+              f"largest over ranks ({'torch.cuda.max_memory_allocated' if on_gpu else 'process peak RSS'}, "
+              "reduced with a max before rank 0 writes metrics.jsonl). predicted: "
               "benchmarks/memory_model.py at that world size; error = (predicted - measured) / measured.", ""]
     if entries and not on_gpu and any(gpus(e) > 1 for e in entries):
         lines += ["**Measured on the CPU: a correctness dry run of the scripts, not a measurement.** \"GPUs\" are "
@@ -185,7 +185,7 @@ def plot_scaling(entries: list[dict], counts: list[int], mem_ax, tok_ax, on_gpu:
         ax.set_xticks(counts, [str(n) for n in counts])
         ax.set_xlabel("GPUs" if on_gpu else "processes (CPU dry run)")
         ax.grid(alpha=0.3)
-    mem_ax.set_ylabel("peak GiB per GPU (rank 0)" if on_gpu else "peak RSS GiB (rank 0 process)")
+    mem_ax.set_ylabel("peak GiB, largest GPU" if on_gpu else "peak RSS GiB, largest process")
     mem_ax.set_title("scaling: per-GPU peak memory")
     tok_ax.set_ylabel("tokens/s per GPU (median)")
     tok_ax.set_title("scaling: tokens/s per GPU" + ("" if on_gpu else " (CPU: says nothing about GPUs)"))

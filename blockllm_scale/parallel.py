@@ -1,6 +1,7 @@
-"""The two collectives BlockLLM needs so that every data-parallel rank makes the same selection.
+"""The collectives BlockLLM needs so that every data-parallel rank makes the same selection, and the one
+the launcher needs to report the largest rank's peak memory.
 
-Both are no-ops in a single process. They use the default process group, on the device its backend
+All are no-ops in a single process. They use the default process group, on the device its backend
 wants (CUDA for NCCL, CPU for gloo).
 """
 
@@ -37,3 +38,13 @@ def average_grad_over_ranks(grad: torch.Tensor) -> None:
         return
     dist.all_reduce(grad)
     grad.div_(world)
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise maximum of Python floats across ranks, in one collective (per-GPU peak memory is the
+    largest GPU's, not rank 0's)."""
+    if data_parallel_world() == 1 or not values:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()

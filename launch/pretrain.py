@@ -39,6 +39,7 @@ from blockllm_scale.integrations.accelerate import launched_by_accelerate  # noq
 from blockllm_scale.data import DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size  # noqa: E402
 from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity  # noqa: E402
 from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
+from blockllm_scale.parallel import max_over_ranks  # noqa: E402
 
 BACKENDS = ("auto", "plain", "deepspeed", "fsdp2", "accelerate")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -318,9 +319,10 @@ def train_loop(sections: dict) -> list[float]:
         tokens_seen += tokens_per_step
         step_loss = backend.all_reduce_mean(sum(micro_losses) / len(micro_losses))
         losses.append(step_loss)
+        peaks = {k: max(v, peak_before_step[k]) for k, v in peak_memory_gib(backend.device).items()}
+        peaks = dict(zip(peaks, max_over_ranks(list(peaks.values()))))  # the fullest GPU's, not rank 0's
         record = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
-                  "tokens_per_s": throughput.tokens_per_second(tokens_per_step),
-                  **{k: max(v, peak_before_step[k]) for k, v in peak_memory_gib(backend.device).items()}}
+                  "tokens_per_s": throughput.tokens_per_second(tokens_per_step), **peaks}
         if blockllm is not None:
             record.update(selected_fraction=blockllm.selected_fraction, scoring=blockllm.selection.scoring,
                           reselected=blockllm.selection.reselections != reselections_before,

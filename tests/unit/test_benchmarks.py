@@ -319,7 +319,7 @@ def test_scaling_efficiency_from_two_results(tmp_path):
     assert report.gpus(old) == 1 and report.scaling_efficiency(two, {old["key"]: old, two["key"]: two}) == pytest.approx(0.9)
     data = {"name": "fake", "invocations": [], "results": [one, two]}
     md = report.markdown(data)
-    assert "| adamw | 1b | zero3 | on | 16 | 2 | ok | 5.00 |" in md and "| 9,000 | 90% |" in md and "rank 0" in md
+    assert "| adamw | 1b | zero3 | on | 16 | 2 | ok | 5.00 |" in md and "| 9,000 | 90% |" in md and "largest over ranks" in md
     written = report.write(data, tmp_path / "fake")  # two GPU counts: the scaling row is drawn
     assert (tmp_path / "fake.png") in written and (tmp_path / "fake.png").read_bytes()[:4] == b"\x89PNG"
 
