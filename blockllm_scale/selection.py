@@ -45,7 +45,7 @@ def lowest_trained_layer(names: Sequence[str]) -> int | None:
     """How far down a backward pass that trains ``names`` must go: the lowest decoder layer among them,
     -1 when an input embedding is among them (backward reaches the bottom), None when no tensor is in a
     layer (only the head or the final norm: backward stops above every layer)."""
-    if any(is_embedding(n) and "embed" in n for n in names):
+    if any(is_embedding(n) and "lm_head" not in n for n in names):  # an input embedding
         return -1
     layers = [i for i in map(layer_index, names) if i is not None]
     return min(layers) if layers else None

@@ -252,11 +252,6 @@ def evaluate(backend, model, eval_set, train: TrainConfig) -> float:
 def train_loop(sections: dict) -> list[float]:
     """Run training; returns the per-step losses of this run (the tests compare them)."""
     started = time.monotonic()  # --time_budget counts from here
-    # torch, transformers and deepspeed leave ~0.5M long-lived objects; every full collection Python's gc
-    # runs would walk them all (0.1-0.5 s, a straggler step every so often). Frozen, they are skipped.
-    # Only what exists now is frozen: engines and optimizers built later (and rebuilt at block switches)
-    # stay collectable.
-    gc.freeze()
     train, data, blockllm_cfg = sections["train"], sections["data"], sections["blockllm"]
     backend = make_backend(train)
     if hasattr(backend, "resolve_settings"):  # --ds_config: the JSON's batch sizes, bf16 and "blockllm" section
@@ -351,7 +346,6 @@ def train_loop(sections: dict) -> list[float]:
         torch.cuda.memory._dump_snapshot(train.memory_snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
         print(f"[pretrain] memory snapshot: {train.memory_snapshot}", flush=True)
-    gc.unfreeze()  # for callers in the same process (the tests)
     return losses
 
 
@@ -364,11 +358,18 @@ def _progress_bar(start: int, stop: int, enabled: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
+    # torch, transformers and deepspeed leave ~0.5M long-lived objects; every full collection Python's gc
+    # runs would walk them all (0.1-0.5 s: a straggler step every so often). Frozen, they are skipped. Only
+    # what exists now is frozen: models, engines and optimizers built later (engines are rebuilt at block
+    # switches) stay collectable.
+    gc.freeze()
     try:
         train_loop(parse_args(argv))
     except ConfigError as error:  # configuration mistakes: one line, no traceback
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        gc.unfreeze()  # for callers in the same process (the tests)
 
 
 if __name__ == "__main__":
