@@ -188,12 +188,12 @@ class Results:
     def add(self, entry: dict) -> None:
         """Add a result, in the place of one for the same configuration (which moves to "superseded":
         nothing is deleted), so a re-run keeps the table in the grid's order."""
-        results = self.data["results"]
-        old = [i for i, r in enumerate(results) if r["key"] == entry["key"]]
-        self.data.setdefault("superseded", []).extend(results[i] for i in old)
-        if old:
-            results[old[0]] = entry
-            self.data["results"] = [r for i, r in enumerate(results) if i not in old[1:]]
+        results, superseded = self.data["results"], self.data.setdefault("superseded", [])
+        for index, old in enumerate(results):  # keys are unique: add() is the only writer
+            if old["key"] == entry["key"]:
+                superseded.append(old)
+                results[index] = entry
+                break
         else:
             results.append(entry)
         self.save()
