@@ -7,6 +7,7 @@ its state really is (dtype and element count), measured on the live tensors rath
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -22,14 +23,49 @@ def build_adam(states: str, param_groups: list[dict[str, Any]]) -> torch.optim.O
     if states == "fp32":
         return torch.optim.AdamW(param_groups)
     if states == "bnb_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(param_groups)
+        return _bnb_adamw8bit_without_waits()(param_groups)
     if states == "torchao_8bit":
         from torchao.optim import AdamW8bit
 
         return AdamW8bit(param_groups)
     raise ValueError(f"states must be one of fp32, bnb_8bit, torchao_8bit; got {states!r}")
+
+
+@functools.cache
+def _bnb_adamw8bit_without_waits() -> type:
+    """bitsandbytes' AdamW8bit, minus the wait for the GPU after each tensor.
+
+    Its ``step()`` calls ``torch.cuda.synchronize()`` after every tensor's update; only its paged states need
+    that. Stepped inside backward (step_in_backward), each wait stalls the host, and at 7B with batch 4 the host
+    sets the pace (it launches ~5k kernels a step): on one H100 BlockLLM s=0.9 ran at ~3.8k tok/s with the
+    waits and ~5.4k with fp32 states and none (benchmarks/profile_steps.py). The update kernels and their
+    order are bitsandbytes' own, so results are bit-identical (tests/unit/test_optim.py).
+    """
+    import bitsandbytes as bnb
+
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if self.is_paged:
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if not self.state[p]:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    return AdamW8bit
 
 
 def copy_hyperparameters(source: dict[str, Any], target: dict[str, Any], keys) -> None:

@@ -425,3 +425,25 @@ def test_git_commit_given_by_the_caller_wins(monkeypatch):
     assert environment.git_commit() == "0123abc"
     monkeypatch.delenv("GIT_COMMIT")
     assert environment.git_commit() != "0123abc"
+
+
+def test_merged_length_counts_overlaps_once():
+    from benchmarks.profile_steps import merged_length
+
+    assert merged_length([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == 4
+    assert merged_length([]) == 0
+
+
+def test_profile_steps_records_the_requested_steps(tmp_path):
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_steps.py"), "--wait", "2",
+                             "--active", "2", "--json", str(out), "--", "--steps", "5", "--eval_every", "0",
+                             "--batch_size", "2", "--out_dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 2 and len(summary["step_ms"]) == 2 and all(ms > 0 for ms in summary["step_ms"])
+    assert summary["gpu_busy"] == 0 and summary["kernels_per_step"] == 0  # CPU run: no kernels
+    assert "[profile]" in result.stdout

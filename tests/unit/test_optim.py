@@ -575,6 +575,36 @@ def test_bnb_8bit_states_are_8bit_for_big_tensors():
     assert "torch.uint8" in opt.state_dtypes()
 
 
+def test_bnb_8bit_states_step_as_bitsandbytes_without_waiting_for_the_device(monkeypatch):
+    # Our AdamW8bit drops bitsandbytes' per-tensor device synchronisation and nothing else.
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    from blockllm_scale.states import build_adam
+
+    waits = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: waits.append(t))
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 128), (300,), (96, 64)]  # 8-bit moments from 4096 elements on, fp32 below
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    hyper = dict(lr=1e-2, weight_decay=0.1)
+    opt_ours = build_adam("bnb_8bit", [{"params": ours, **hyper}])
+    opt_theirs = bnb.optim.AdamW8bit([{"params": theirs, **hyper}])
+    for _ in range(4):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_theirs.step()
+        assert len(waits) == len(shapes), "the reference is no longer bitsandbytes' waiting step"
+        waits.clear()
+        opt_ours.step()
+        assert not waits
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert {s["state1"].dtype for s in opt_ours.state.values()} == {torch.uint8, torch.float32}
+
+
 def test_state_accounting_ignores_step_counters():
     # AdamW keeps a scalar "step" tensor per parameter; it is no moment and must not be counted.
     model = tiny_llama()
