@@ -57,6 +57,23 @@ def issue6_7b() -> list[RunSpec]:
     ]
 
 
+def issue6_7b_cycle() -> list[RunSpec]:
+    """BlockLLM at BAdam's shape against BAdam over a run long enough for both to visit most layers.
+
+    In 200 steps with patience 50 BlockLLM picks 3-4 layers, the bottom ones (the largest gradient norms at
+    initialisation), so those runs measure full-depth backwards only. Never-visited layers rank first, so over
+    ~30 reselections it goes through the layers as BAdam's cycle does. Patience 10 (BlockLLM) and a switch
+    every 10 steps (BAdam) fit that into one run of 330 steps; BlockLLM pays a scoring step per reselection.
+    """
+    common = dict(model="7b", batch_size=4, checkpointing=True, steps=330)
+    return [
+        RunSpec("badam switch every 10", "badam", **common, flags=(("switch_block_every", "10"),)),
+        RunSpec("blockllm BAdam's shape 8-bit patience 10", "blockllm", **common,
+                flags=(("sparsity", str(badam_shape_sparsity("7b"))), ("embeddings", "never"), ("granularity", "layer"),
+                       ("patience", "10")) + STATES_8BIT, optional=IN_BACKWARD),
+    ]
+
+
 def issue6_1b() -> list[RunSpec]:
     """LLaMA-1B, batch 16, no checkpointing: AdamW's peak against BlockLLM s = 0.9, with the scoring steps
     not checkpointed (measured first) and checkpointed (--checkpoint_scoring_steps, the scoring step's peak)."""
@@ -141,5 +158,5 @@ def cpu_smoke() -> list[RunSpec]:
     ]
 
 
-PRESETS = {"issue6-7b": issue6_7b, "issue6-1b": issue6_1b, "issue4-zero": issue4_zero, "issue5-fsdp2": issue5_fsdp2,
+PRESETS = {"issue6-7b": issue6_7b, "issue6-7b-cycle": issue6_7b_cycle, "issue6-1b": issue6_1b, "issue4-zero": issue4_zero, "issue5-fsdp2": issue5_fsdp2,
            "issue8-scaling": issue8_scaling, "issue8-cpu-dryrun": issue8_cpu_dryrun, "cpu-smoke": cpu_smoke}
