@@ -57,20 +57,24 @@ def issue6_7b() -> list[RunSpec]:
     ]
 
 
-def issue6_7b_cycle() -> list[RunSpec]:
-    """BlockLLM at BAdam's shape against BAdam over a run long enough for both to visit most layers.
+def issue6_7b_cycle(every: int = 10, steps: int = 330, order: str = "descending") -> list[RunSpec]:
+    """BlockLLM at BAdam's shape against BAdam over a run long enough for both to visit many layers.
 
     In 200 steps with patience 50 BlockLLM picks 3-4 layers, the bottom ones (the largest gradient norms at
     initialisation), so those runs measure full-depth backwards only. Never-visited layers rank first, so over
-    ~30 reselections it goes through the layers as BAdam's cycle does. Patience 10 (BlockLLM) and a switch
-    every 10 steps (BAdam) fit that into one run of 330 steps; BlockLLM pays a scoring step per reselection.
+    many reselections it goes through the layers as BAdam's cycle does. BlockLLM's patience and BAdam's switch
+    interval are both ``every``; BlockLLM pays a scoring step per reselection. Default: patience 10 and 330
+    steps, ~30 reselections. ``issue6-7b-cycle-p50``: the default patience 50 over 1000 steps (~20 layers),
+    against BAdam visiting layers in random order (a descending cycle cut at 20 layers would skip the deep ones).
     """
-    common = dict(model="7b", batch_size=4, checkpointing=True, steps=330)
+    common = dict(model="7b", batch_size=4, checkpointing=True, steps=steps)
+    badam_flags = (("switch_block_every", str(every)),) + ((("switch_mode", order),) if order != "descending" else ())
+    order_label = "" if order == "descending" else f" {order}"
     return [
-        RunSpec("badam switch every 10", "badam", **common, flags=(("switch_block_every", "10"),)),
-        RunSpec("blockllm BAdam's shape 8-bit patience 10", "blockllm", **common,
+        RunSpec(f"badam switch every {every}{order_label}", "badam", **common, flags=badam_flags),
+        RunSpec(f"blockllm BAdam's shape 8-bit patience {every}", "blockllm", **common,
                 flags=(("sparsity", str(badam_shape_sparsity("7b"))), ("embeddings", "never"), ("granularity", "layer"),
-                       ("patience", "10")) + STATES_8BIT, optional=IN_BACKWARD),
+                       ("patience", str(every))) + STATES_8BIT, optional=IN_BACKWARD),
     ]
 
 
@@ -158,5 +162,7 @@ def cpu_smoke() -> list[RunSpec]:
     ]
 
 
-PRESETS = {"issue6-7b": issue6_7b, "issue6-7b-cycle": issue6_7b_cycle, "issue6-1b": issue6_1b, "issue4-zero": issue4_zero, "issue5-fsdp2": issue5_fsdp2,
+PRESETS = {"issue6-7b": issue6_7b, "issue6-7b-cycle": issue6_7b_cycle,
+           "issue6-7b-cycle-p50": lambda: issue6_7b_cycle(every=50, steps=1000, order="random"),
+           "issue6-1b": issue6_1b, "issue4-zero": issue4_zero, "issue5-fsdp2": issue5_fsdp2,
            "issue8-scaling": issue8_scaling, "issue8-cpu-dryrun": issue8_cpu_dryrun, "cpu-smoke": cpu_smoke}
