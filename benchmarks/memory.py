@@ -245,7 +245,12 @@ def run_grid(specs: list[RunSpec], results: Results, args) -> int:
     for index, spec in enumerate(todo):
         expected = expected_seconds(spec, results.data["results"])
         if args.time_budget and time.monotonic() - begin + expected > args.time_budget:
-            print(f"[memory] time budget reached: {len(todo) - index} configuration(s) left; run again", flush=True)
+            if index == 0:  # "run again" would refuse it again
+                print(f"[memory] {spec.key} is expected to take ~{expected:.0f} s, more than --time_budget "
+                      f"{args.time_budget:g}: raise --time_budget (the estimate comes from finished runs of this size "
+                      "and batch, else from EXPECTED_S)", flush=True)
+            else:
+                print(f"[memory] time budget reached: {len(todo) - index} configuration(s) left; run again", flush=True)
             return len(todo) - index
         print(f"[memory] {index + 1}/{len(todo)} {spec.key} (expect ~{expected:.0f} s)", flush=True)
         reason = unavailable_reason(spec, known, present)

@@ -252,6 +252,14 @@ def test_suite_runs_a_cpu_grid_end_to_end(tmp_path):
     assert again == data
 
 
+def test_a_first_configuration_longer_than_the_time_budget_says_so(tmp_path, capsys):
+    args = ["--preset", "cpu-smoke", "--device", "cpu", "--name", "smoke", "--results_dir", str(tmp_path), "--time_budget", "5"]
+    assert memory.main(args) == 0
+    out = capsys.readouterr().out
+    assert "is expected to take ~22 s, more than --time_budget 5: raise --time_budget" in out and "run again" not in out
+    assert json.loads((tmp_path / "smoke.json").read_text())["results"] == []
+
+
 def test_a_configuration_past_its_timeout_is_a_result(tmp_path):
     spec = RunSpec("adamw", "adamw", "tiny", 2, seq_len=32, dtype="fp32", steps=2, warmup=1)
     outcome = memory.run_config(spec, memory.launcher_flags(), "cpu", timeout_s=0.5)
