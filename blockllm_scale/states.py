@@ -37,9 +37,8 @@ def _bnb_adamw8bit_without_waits() -> type:
 
     Its ``step()`` calls ``torch.cuda.synchronize()`` after every tensor's update; only its paged states need
     that. Stepped inside backward (step_in_backward), each wait stalls the host, and at 7B with batch 4 the host
-    sets the pace (it launches ~5k kernels a step): on one H100 BlockLLM s=0.9 ran at ~3.8k tok/s with the
-    waits and ~5.4k with fp32 states and none (benchmarks/profile_steps.py). The update kernels and their
-    order are bitsandbytes' own, so results are bit-identical (tests/unit/test_optim.py).
+    sets the pace (it launches ~5k kernels a step): 17 waits a step there (benchmarks/profile_steps.py). The
+    update kernels and their order are bitsandbytes' own, so results are bit-identical (tests/unit/test_optim.py).
     """
     import bitsandbytes as bnb
 
