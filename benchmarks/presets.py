@@ -80,7 +80,12 @@ def issue6_7b_cycle(every: int = 10, steps: int = 330, order: str = "descending"
 
 def issue6_1b() -> list[RunSpec]:
     """LLaMA-1B, batch 16, no checkpointing: AdamW's peak against BlockLLM s = 0.9, with the scoring steps
-    not checkpointed (measured first) and checkpointed (--checkpoint_scoring_steps, the scoring step's peak)."""
+    not checkpointed (measured first) and checkpointed (--checkpoint_scoring_steps, the scoring step's peak).
+
+    Without checkpointing the peak depends on how deep backward goes. BAdam training only the bottom layer
+    (ascending order, no switch within the run) measures the floor of any optimizer that trains layer 0,
+    since every layer above it keeps what backward needs to pass through it; only the top layer, the other end.
+    """
     common = dict(model="1b", batch_size=16, checkpointing=False)
     blockllm = dict(steps=BLOCKLLM_STEPS, optional=IN_BACKWARD)
     no_ckpt, ckpt = SCORING_NOT_CHECKPOINTED, SCORING_CHECKPOINTED
@@ -95,6 +100,9 @@ def issue6_1b() -> list[RunSpec]:
                 flags=(("sparsity", "0.9"),) + STATES_8BIT + ckpt),
         RunSpec("blockllm s=0.9 8-bit emb=never ckpt-scoring", "blockllm", **common, **blockllm,
                 flags=(("sparsity", "0.9"), ("embeddings", "never")) + STATES_8BIT + ckpt),
+        # switch_block_every (50) > steps (10): one layer throughout.
+        RunSpec("badam bottom layer only", "badam", **common, flags=(("switch_mode", "ascending"),)),
+        RunSpec("badam top layer only", "badam", **common),
     ]
 
 
