@@ -72,6 +72,16 @@ def summarize(records: list[dict], warmup: int) -> dict:
         out["selected_fraction"] = statistics.mean(r["selected_fraction"] for r in records)
         out["reselections"] = sum(bool(r.get("reselected")) for r in records)
         out["scoring_steps"] = sum(bool(r.get("scoring")) for r in records)
+        # A record's "scoring" says the NEXT step scores: split the timed steps' seconds by that.
+        seconds = {True: [], False: []}
+        for before, record in zip(records, records[1:]):
+            if record["step"] > warmup:
+                seconds[bool(before.get("scoring"))].append(out["tokens_per_step"] / max(record["tokens_per_s"], 1e-9))
+        if seconds[True]:
+            out["scoring_time_share"] = sum(seconds[True]) / (sum(seconds[True]) + sum(seconds[False]))
+            out["scoring_step_s_median"] = statistics.median(seconds[True])
+            if seconds[False]:
+                out["sparse_step_s_median"] = statistics.median(seconds[False])
         # How deep the timed steps' backward went (-1: to the embeddings), which sets most of their time.
         # (None, only the head trained, is left out.)
         depths = [r.get("lowest_trained_layer") for r in records if r["step"] > warmup]

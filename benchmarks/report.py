@@ -63,6 +63,10 @@ def notes(entry: dict) -> str:
     parts += entry.get("notes", [])
     if "selected_fraction" in entry:
         parts.append(f"trained {entry['selected_fraction']:.3f} of params, {entry.get('reselections', 0)} reselections")
+    if "scoring_time_share" in entry:
+        sparse = f" against {entry['sparse_step_s_median']:.3f} s" if "sparse_step_s_median" in entry else ""
+        parts.append(f"scoring steps {entry['scoring_time_share']:.0%} of the time after warm-up "
+                     f"(median {entry['scoring_step_s_median']:.3f} s{sparse})")
     if "lowest_trained_layer_mean" in entry:
         parts.append(f"backward down to layer {entry['lowest_trained_layer_mean']:.1f} on average (-1: embeddings)")
     if entry.get("predicted_phase"):
