@@ -64,6 +64,11 @@ def summarize(records: list[dict], warmup: int) -> dict:
            "tokens_per_s_median": statistics.median(timed),
            # Every step has the same tokens, so the run mean is the harmonic mean of the rates.
            "tokens_per_s_mean": len(timed) / sum(1 / max(rate, 1e-9) for rate in timed)}
+    # How deep the timed steps' backward went (-1: to the embeddings), which sets most of their time.
+    # (None, only the head trained, is left out.)
+    depths = [r.get("lowest_trained_layer") for r in records if r["step"] > warmup]
+    if any(d is not None for d in depths):
+        out["lowest_trained_layer_mean"] = statistics.mean(d for d in depths if d is not None)
     for field in ("peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib"):
         values = [r[field] for r in records if field in r]
         if values:
@@ -82,11 +87,6 @@ def summarize(records: list[dict], warmup: int) -> dict:
             out["scoring_step_s_median"] = statistics.median(seconds[True])
             if seconds[False]:
                 out["sparse_step_s_median"] = statistics.median(seconds[False])
-        # How deep the timed steps' backward went (-1: to the embeddings), which sets most of their time.
-        # (None, only the head trained, is left out.)
-        depths = [r.get("lowest_trained_layer") for r in records if r["step"] > warmup]
-        if any(d is not None for d in depths):
-            out["lowest_trained_layer_mean"] = statistics.mean(d for d in depths if d is not None)
     return out
 
 

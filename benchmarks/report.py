@@ -67,7 +67,8 @@ def notes(entry: dict) -> str:
         sparse = f" against {entry['sparse_step_s_median']:.3f} s" if "sparse_step_s_median" in entry else ""
         parts.append(f"scoring steps {entry['scoring_time_share']:.0%} of the time after warm-up "
                      f"(median {entry['scoring_step_s_median']:.3f} s{sparse})")
-    if "lowest_trained_layer_mean" in entry:
+    # Whole-model optimizers always reach the embeddings: say the depth where it varies.
+    if "lowest_trained_layer_mean" in entry and ("selected_fraction" in entry or entry["lowest_trained_layer_mean"] != -1):
         parts.append(f"backward down to layer {entry['lowest_trained_layer_mean']:.1f} on average (-1: embeddings)")
     if entry.get("predicted_phase"):
         parts.append(f"predicted peak in {entry['predicted_phase']}")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .parallel import barrier
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -61,13 +62,13 @@ def save_checkpoint(backend, out_dir: str | Path, step: int, client_state: dict)
     if backend.rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    backend.barrier()
+    barrier()
     backend.save(staging, client_state)
-    backend.barrier()
+    barrier()
     if backend.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         (final.parent / "latest.tmp").write_text(final.name)
         os.replace(final.parent / "latest.tmp", final.parent / "latest")
-    backend.barrier()
+    barrier()
     return final

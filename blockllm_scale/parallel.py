@@ -1,5 +1,6 @@
-"""The collectives BlockLLM needs so that every data-parallel rank makes the same selection, and the one
-the launcher needs to report the largest rank's peak memory.
+"""The collectives BlockLLM needs so that every data-parallel rank makes the same selection, and the ones
+the launcher needs (one gather a step for the loss, the time budget and the largest rank's peak memory;
+a barrier around checkpoint writes).
 
 All are no-ops in a single process. They use the default process group, on the device its backend
 wants (CUDA for NCCL, CPU for gloo).
@@ -40,11 +41,17 @@ def average_grad_over_ranks(grad: torch.Tensor) -> None:
     grad.div_(world)
 
 
-def max_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise maximum of Python floats across ranks, in one collective (per-GPU peak memory is the
-    largest GPU's, not rank 0's)."""
-    if data_parallel_world() == 1 or not values:
-        return list(values)
+def gather_over_ranks(values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on each), in rank order, from one collective: the launcher
+    takes the mean loss, whether any rank is out of time, and the largest peaks from it."""
+    if data_parallel_world() == 1:
+        return [list(values)]
     tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+    gathered = [torch.empty_like(tensor) for _ in range(data_parallel_world())]
+    dist.all_gather(gathered, tensor)
+    return torch.stack(gathered).tolist()
+
+
+def barrier() -> None:
+    if data_parallel_world() > 1:
+        dist.barrier()

@@ -39,7 +39,8 @@ from blockllm_scale.integrations.accelerate import launched_by_accelerate  # noq
 from blockllm_scale.data import DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size  # noqa: E402
 from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity  # noqa: E402
 from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
-from blockllm_scale.parallel import max_over_ranks  # noqa: E402
+from blockllm_scale.parallel import gather_over_ranks, mean_over_ranks  # noqa: E402
+from blockllm_scale.selection import lowest_trained_layer  # noqa: E402
 
 BACKENDS = ("auto", "plain", "deepspeed", "fsdp2", "accelerate")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -246,7 +247,7 @@ def evaluate(backend, model, eval_set, train: TrainConfig) -> float:
     batches = make_batches(eval_set, train.batch_size, seed=0, rank=backend.rank, world_size=backend.world_size)
     losses = [backend.forward(model, next(batches)).float().item() for _ in range(train.eval_batches)]
     model.train()
-    return backend.all_reduce_mean(sum(losses) / len(losses))
+    return mean_over_ranks(sum(losses) / len(losses))
 
 
 def train_loop(sections: dict) -> list[float]:
@@ -297,7 +298,7 @@ def train_loop(sections: dict) -> list[float]:
     model.train()  # HF checkpoints (checkpoint_this_step) only in train mode
     for step in range(start_step, stop):
         reselections_before = blockllm.selection.reselections if blockllm else 0
-        lowest_trained_layer = blockllm.lowest_trained_layer if blockllm else None  # this step's, before step()
+        depth = backward_depth(model, blockllm)  # this step's, before step() may switch blocks
         checkpoint_this_step(model, optimizer, train)
         micro_losses = []
         for _ in range(train.grad_accum):
@@ -312,26 +313,28 @@ def train_loop(sections: dict) -> list[float]:
         peak_before_step = peak_memory_gib(backend.device)
         backend.step()
         tokens_seen += tokens_per_step
-        step_loss = backend.all_reduce_mean(sum(micro_losses) / len(micro_losses))
-        losses.append(step_loss)
+        done = step + 1
         peaks = {k: max(v, peak_before_step[k]) for k, v in peak_memory_gib(backend.device).items()}
-        peaks = dict(zip(peaks, max_over_ranks(list(peaks.values()))))  # the fullest GPU's, not rank 0's
-        record = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
-                  "tokens_per_s": throughput.tokens_per_second(tokens_per_step), **peaks}
+        # One collective a step: every rank's loss, whether its clock passed --time_budget (read before this
+        # step's evaluation, so a long one is counted at the next step), and its peaks.
+        clock = float(bool(train.time_budget) and time.monotonic() - started > train.time_budget)
+        ranks = gather_over_ranks([sum(micro_losses) / len(micro_losses), clock, *peaks.values()])
+        step_loss = sum(r[0] for r in ranks) / len(ranks)
+        # Every rank must agree to stop, or the checkpoint's barriers would hang.
+        out_of_time = done < stop and any(r[1] for r in ranks)
+        peaks = dict(zip(peaks, (max(r[2 + i] for r in ranks) for i in range(len(peaks)))))  # the fullest GPU's
+        losses.append(step_loss)
+        record = {"step": done, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
+                  "tokens_per_s": throughput.tokens_per_second(tokens_per_step), **peaks, "lowest_trained_layer": depth}
         if blockllm is not None:
             record.update(selected_fraction=blockllm.selected_fraction, scoring=blockllm.selection.scoring,
-                          reselected=blockllm.selection.reselections != reselections_before,
-                          lowest_trained_layer=lowest_trained_layer)
-        done = step + 1
+                          reselected=blockllm.selection.reselections != reselections_before)
         if train.eval_every and (done % train.eval_every == 0 or done == stop):
             record["eval_loss"] = evaluate(backend, model, eval_set, train)
             record["eval_perplexity"] = perplexity(record["eval_loss"])
         log.write(record)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        # Every rank must agree to stop, or the checkpoint's barriers would hang.
-        out_of_time = bool(train.time_budget) and done < stop and backend.all_reduce_mean(
-            float(time.monotonic() - started > train.time_budget)) > 0
         if (train.save_every and done % train.save_every == 0) or out_of_time or (
                 done == stop and (train.save_every or train.stop_at_step)):
             save_checkpoint(backend, train.out_dir, done, {"step": done, "tokens_seen": tokens_seen, "rng": rng_states()})
@@ -347,6 +350,15 @@ def train_loop(sections: dict) -> list[float]:
         torch.cuda.memory._record_memory_history(enabled=None)
         print(f"[pretrain] memory snapshot: {train.memory_snapshot}", flush=True)
     return losses
+
+
+def backward_depth(model: torch.nn.Module, blockllm: BlockLLM | None) -> int | None:
+    """The lowest decoder layer this step trains (-1: an input embedding), which sets how deep backward
+    goes and so most of a step's time: BlockLLM's selected blocks (its scoring steps go to the bottom), else
+    the parameters that take a gradient now (BAdam's active layer; -1 for whole-model optimizers)."""
+    if blockllm is not None:
+        return blockllm.lowest_trained_layer
+    return lowest_trained_layer([name for name, p in model.named_parameters() if p.requires_grad])
 
 
 def _progress_bar(start: int, stop: int, enabled: bool):

@@ -59,7 +59,6 @@ import torch.distributed as dist
 
 from ..config import BlockLLMConfig, ConfigError
 from ..optim import BlockLLM
-from ..parallel import mean_over_ranks
 from ..states import build_adam, copy_hyperparameters, state_dtypes, state_numel_by_dtype
 
 SECTION = "blockllm"  # BlockLLM's settings inside a DeepSpeed JSON
@@ -739,12 +738,6 @@ class DeepSpeedBackend:
         _, client_state = self.engine.load_checkpoint(str(directory), tag="deepspeed")
         self.scheduler.load_state_dict(client_state.pop("scheduler"))
         return client_state
-
-    def all_reduce_mean(self, value: float) -> float:
-        return mean_over_ranks(value)
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 def _adopt(settings, field: str, chosen, where: str):

@@ -57,7 +57,6 @@ from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
 from ..optim import BlockLLM
-from ..parallel import mean_over_ranks
 from .plain import PlainBackend
 
 
@@ -170,7 +169,9 @@ def save_dcp(directory: str | Path, model: nn.Module, optimizer: torch.optim.Opt
     state = {"model": get_model_state_dict(model)}
     adams = _adams_of(optimizer)
     if adams:
+        stateless = [adam for adam in adams if not adam.state]
         state["optim"] = get_optimizer_state_dict(model, adams)
+        _drop_placeholder_state(stateless, model, state["optim"])
     dcp.save(state, checkpoint_id=str(directory / "dcp"))
     if isinstance(optimizer, BlockLLM):
         extra = {**extra, "blockllm": _selection_state(optimizer)}
@@ -196,6 +197,20 @@ def load_dcp(directory: str | Path, model: nn.Module, optimizer: torch.optim.Opt
         # strict=False: tensors without saved state keep none (load_state_dict replaces the placeholders)
         set_optimizer_state_dict(model, adams, state["optim"], options=StateDictOptions(strict=False))
     return extra
+
+
+def _drop_placeholder_state(stateless: list[torch.optim.Optimizer], model: nn.Module, optim_state: dict) -> None:
+    """Undo what get_optimizer_state_dict did to optimizers that had no state: it gives them some by a
+    zero-lr step (torch's _init_optim_state), so Adam's step count would be 1 before the first real
+    update, whose bias correction would then differ from a run that never saved. Blocks selected just
+    before a save (at step 1, or after a switch that kept no block) have no state and must keep none,
+    in this run and in the checkpoint."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for adam in stateless:
+        adam.state.clear()
+        for group in adam.param_groups:
+            for param in group["params"]:
+                optim_state["state"].pop(names[id(param)], None)
 
 
 def _saved_entries_only(optim_state: dict, checkpoint: Path) -> dict:
@@ -268,9 +283,3 @@ class FSDP2Backend(PlainBackend):
         extra = load_dcp(directory, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra.pop("scheduler"))
         return extra
-
-    def all_reduce_mean(self, value: float) -> float:
-        return mean_over_ranks(value)
-
-    def barrier(self) -> None:
-        dist.barrier()

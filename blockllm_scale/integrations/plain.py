@@ -44,9 +44,3 @@ class PlainBackend:
         trainer = torch.load(directory / "trainer.pt", weights_only=False)
         self.scheduler.load_state_dict(trainer.pop("scheduler"))
         return trainer
-
-    def all_reduce_mean(self, value: float) -> float:
-        return value
-
-    def barrier(self) -> None:
-        pass

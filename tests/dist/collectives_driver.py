@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from blockllm_scale.parallel import max_over_ranks, mean_over_ranks
+from blockllm_scale.parallel import barrier, gather_over_ranks, mean_over_ranks
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-# Rank 1 has the larger first value, rank 0 the larger second: the maximum must come from both.
-result = {"world_size": dist.get_world_size(), "max": max_over_ranks([1.5 + rank, 7.0 - rank]),
+# Each rank's values must come back in rank order, on every rank.
+result = {"world_size": dist.get_world_size(), "gathered": gather_over_ranks([1.5 + rank, 7.0 - rank]),
           "mean": mean_over_ranks(float(rank))}
+barrier()
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
 dist.destroy_process_group()

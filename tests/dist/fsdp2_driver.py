@@ -71,6 +71,7 @@ def main(out: Path) -> None:
     results["fp32"] = train(out / "fp32", *fsdp, "--steps", "10")
     results["first_half"] = train(out / "resumed", *fsdp, "--steps", "10", "--stop_at_step", "5")
     results["resumed"] = train(out / "resumed", *fsdp, "--steps", "10", "--resume", "auto")
+    results["saved_every_step"] = train(out / "saved_every_step", *fsdp, "--steps", "10", "--save_every", "1")
     # No scoring step 0 with random selection: the first forward sees one block trainable (the trap).
     bf16 = [*fsdp, "--steps", "4", "--dtype", "bf16", "--strategy", "random", "--patience", "1"]
     results["bf16"] = train(out / "bf16", *bf16)
@@ -82,6 +83,17 @@ def main(out: Path) -> None:
     results["torchao_first_half"] = train(out / "ao_resumed", *ao, "--stop_at_step", "2")
     results["torchao_resumed"] = train(out / "ao_resumed", *ao, "--resume", "auto")
     results["adamw"] = train(out / "adamw", *fsdp, "--steps", "4", "--optimizer", "adamw")
+    # --time_budget spent on rank 1 only (its clock runs 1000 s a reading): both ranks must stop after step 1
+    # with one checkpoint (a rank stopping alone would hang the other in the next collective), and
+    # --resume auto must finish the run exactly.
+    real_clock = pretrain.time.monotonic
+    if rank == 1:
+        readings = iter(range(10**6))
+        pretrain.time = type(sys)("fast_clock")
+        pretrain.time.monotonic = lambda: real_clock() + 1000.0 * next(readings)
+    results["out_of_time"] = train(out / "out_of_time", *fsdp, "--steps", "10", "--time_budget", "500")
+    pretrain.time = sys.modules["time"]
+    results["out_of_time_resumed"] = train(out / "out_of_time", *fsdp, "--steps", "10", "--resume", "auto")
     results["world_size"] = torch.distributed.get_world_size()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
 

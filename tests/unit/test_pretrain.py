@@ -64,3 +64,24 @@ def test_configuration_mistakes_are_one_line(flags, names, tmp_path, capsys):
     assert "Traceback" not in stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and names in error_lines[0], stderr
+
+
+def test_backward_depth_is_the_lowest_layer_that_takes_a_gradient():
+    """What each metrics record's lowest_trained_layer says for optimizers other than BlockLLM: the lowest
+    layer whose parameters require a gradient now (BAdam's active layer), -1 when an input embedding does."""
+    import torch
+
+    from blockllm_scale import BlockLLM
+    from blockllm_scale.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    assert pretrain.backward_depth(model, None) == -1  # a whole-model optimizer
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("model.layers.1."))
+    assert pretrain.backward_depth(model, None) == 1  # one layer active, as BAdam trains
+    for param in model.parameters():
+        param.requires_grad_(True)
+    blockllm = BlockLLM(model.named_parameters(), sparsity=0.5, embeddings="never", granularity="layer")
+    # BlockLLM's step 0 scores with every candidate trainable; the depth it reports is its trained set's.
+    assert pretrain.backward_depth(model, blockllm) == blockllm.lowest_trained_layer
