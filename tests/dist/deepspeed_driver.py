@@ -244,7 +244,7 @@ def main(out: Path, phase: str) -> None:
         pretrain.make_backend = lambda train_config: CheckedBackend(train_config)
         for name in RESUMED:
             stage, embeddings = FP32_RUNS[name]
-            step = json.loads((out / f"resume_points.json").read_text())[name]
+            step = json.loads((out / "resume_points.json").read_text())[name]
             results[name] = train(out / f"{name}_resumed", "--batch_size", str(PER_RANK_BATCH), *embeddings,
                                   "--ds_config", ds_config(out, stage),
                                   "--resume", str(out / name / "checkpoints" / f"step_{step}"))

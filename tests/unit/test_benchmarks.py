@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import memory  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.grid import RunSpec, grid, launcher_command, one_gpu_key, select, unavailable_reason  # noqa: E402
-from benchmarks.memory_model import GIB, Setup, activation_bytes, llama_tensors, model_shape, predict, state_bytes  # noqa: E402
+from benchmarks.memory_model import Setup, activation_bytes, llama_tensors, model_shape, predict, state_bytes  # noqa: E402
 from benchmarks.presets import PRESETS, badam_shape_sparsity  # noqa: E402
 from blockllm_scale import models  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
