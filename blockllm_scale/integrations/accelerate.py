@@ -74,6 +74,11 @@ def _flag(value) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes")
 
 
+def launched_with_fsdp(env: Mapping[str, str] = os.environ) -> bool:
+    """True under ``accelerate launch`` with an FSDP config (it sets ACCELERATE_USE_FSDP)."""
+    return _flag(env.get("ACCELERATE_USE_FSDP"))
+
+
 @dataclass
 class FSDPOptions:
     reshard_after_forward: bool = True
@@ -184,7 +189,7 @@ class AccelerateBackend:
     """
 
     def __init__(self, train, env: Mapping[str, str] = os.environ):
-        self.plugin = "fsdp" if _flag(env.get("ACCELERATE_USE_FSDP")) else \
+        self.plugin = "fsdp" if launched_with_fsdp(env) else \
             "deepspeed" if _flag(env.get("ACCELERATE_USE_DEEPSPEED")) else "none"
         dtype = check_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"))
         if dtype is not None:

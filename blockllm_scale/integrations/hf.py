@@ -20,7 +20,12 @@ continues.
 A DeepSpeed config in the ``TrainingArguments`` is refused at construction: the Trainer would hand BlockLLM
 to ``deepspeed.initialize``, whose ZeRO optimizer cannot follow block switches. Train under DeepSpeed with
 ``deepspeed launch/pretrain.py --ds_config ...`` (or ``blockllm_scale.integrations.deepspeed.initialize`` in
-your own loop); FSDP2 through ``accelerate launch`` works with this Trainer's loop as with ours.
+your own loop). FSDP (``TrainingArguments(fsdp=...)`` or an ``accelerate launch`` FSDP config) is refused too:
+accelerate swaps the parameters in the optimizer's groups for sharded ones, which leaves BlockLLM's inner
+AdamW on the old tensors until something calls ``rebind_parameters()``, and it saves optimizers through
+torch's ``get_optimizer_state_dict``, which expects another state layout. Train under FSDP2 with
+``accelerate launch --config_file configs/accelerate/fsdp2.yaml launch/pretrain.py`` (its backend does both)
+or ``blockllm_scale.integrations.fsdp2`` in your own loop.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers import Trainer
 
 from ..config import ConfigError
 from ..optim import BlockLLM
+from .accelerate import launched_with_fsdp
 
 
 def causal_lm_collator(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -50,6 +56,13 @@ class BlockLLMTrainer(Trainer):
             raise ConfigError("BlockLLMTrainer does not support TrainingArguments(deepspeed=...): DeepSpeed's ZeRO "
                               "optimizer cannot follow block switches; use deepspeed launch/pretrain.py --ds_config "
                               "(or blockllm_scale.integrations.deepspeed.initialize in your own loop)")
+        # launched_with_fsdp: `accelerate launch` with an FSDP config (on CPUs the Trainer then silently trains
+        # without FSDP, one unsharded model per process).
+        if self.is_fsdp_enabled or self.args.fsdp or launched_with_fsdp():
+            raise ConfigError("BlockLLMTrainer does not support FSDP: accelerate would swap the parameters BlockLLM "
+                              "holds for sharded ones and save it in another layout; use accelerate launch "
+                              "--config_file configs/accelerate/fsdp2.yaml launch/pretrain.py "
+                              "(or blockllm_scale.integrations.fsdp2 in your own loop)")
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

@@ -3,6 +3,7 @@ like the uninterrupted one, with the selection (and its requires_grad flags) res
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -119,3 +120,27 @@ except ConfigError as error:
     refused = [line for line in out.stdout.splitlines() if line.startswith("REFUSED:")]
     assert refused, out.stdout + out.stderr
     assert re.search(r"BlockLLMTrainer does not support .*deepspeed launch/pretrain.py", refused[0])
+
+
+def test_fsdp_is_refused_in_one_line(tmp_path):
+    """Under `accelerate launch` with an FSDP config (ACCELERATE_USE_FSDP) the Trainer would shard the model
+    behind BlockLLM's back on GPUs, and on CPUs silently train one unsharded copy per process. Child process:
+    accelerate keeps process-wide state."""
+    script = f"""
+from transformers import TrainingArguments
+from blockllm_scale.config import ConfigError
+from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
+from blockllm_scale.models import build_model
+args = TrainingArguments(output_dir={str(tmp_path)!r}, max_steps=2, report_to=[], use_cpu=True)
+try:
+    BlockLLMTrainer(model=build_model("tiny"), args=args, data_collator=causal_lm_collator,
+                    blockllm_settings={{"sparsity": 0.5}})
+except ConfigError as error:
+    print("REFUSED:", error)
+"""
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2], env=env)
+    refused = [line for line in out.stdout.splitlines() if line.startswith("REFUSED:")]
+    assert refused, out.stdout + out.stderr
+    assert re.search(r"does not support FSDP.*configs/accelerate/fsdp2.yaml launch/pretrain.py", refused[0])
