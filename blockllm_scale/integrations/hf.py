@@ -22,10 +22,11 @@ to ``deepspeed.initialize``, whose ZeRO optimizer cannot follow block switches. 
 ``deepspeed launch/pretrain.py --ds_config ...`` (or ``blockllm_scale.integrations.deepspeed.initialize`` in
 your own loop). FSDP (``TrainingArguments(fsdp=...)`` or an ``accelerate launch`` FSDP config) is refused too:
 accelerate swaps the parameters in the optimizer's groups for sharded ones, which leaves BlockLLM's inner
-AdamW on the old tensors until something calls ``rebind_parameters()``, and it saves optimizers through
-torch's ``get_optimizer_state_dict``, which expects another state layout. Train under FSDP2 with
-``accelerate launch --config_file configs/accelerate/fsdp2.yaml launch/pretrain.py`` (its backend does both)
-or ``blockllm_scale.integrations.fsdp2`` in your own loop.
+AdamW on the old tensors until something calls ``rebind_parameters()``, and its FSDP checkpoints go through
+torch's ``get_optimizer_state_dict``, which steps an optimizer without state (see ``fsdp2.save_dcp``) and
+was never tried on BlockLLM. Train under FSDP2 with ``accelerate launch --config_file
+configs/accelerate/fsdp2.yaml launch/pretrain.py`` (its backend rebinds and checkpoints exactly) or
+``blockllm_scale.integrations.fsdp2`` in your own loop.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class BlockLLMTrainer(Trainer):
         # without FSDP, one unsharded model per process).
         if self.is_fsdp_enabled or self.args.fsdp or launched_with_fsdp():
             raise ConfigError("BlockLLMTrainer does not support FSDP: accelerate would swap the parameters BlockLLM "
-                              "holds for sharded ones and save it in another layout; use accelerate launch "
+                              "holds for sharded ones behind its back; use accelerate launch "
                               "--config_file configs/accelerate/fsdp2.yaml launch/pretrain.py "
                               "(or blockllm_scale.integrations.fsdp2 in your own loop)")
 
