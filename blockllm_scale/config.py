@@ -7,9 +7,16 @@ from typing import Any, Mapping
 
 GRANULARITIES = ("parameter", "layer")
 VARIANTS = ("approximate", "masked")
-STRATEGIES = ("norm_over_visits", "norm", "random")
+STRATEGIES = ("norm_over_visits", "rms_over_visits", "norm", "random")
 EMBEDDINGS = ("candidate", "always", "never")
 STATES = ("fp32", "bnb_8bit", "torchao_8bit")
+WEIGHT_UPDATES = ("fp32_master", "stochastic_rounding", "round_to_nearest")
+
+
+# The paper's own rule (§2, Algorithms 1-2, Appendix E.3), as the reproduction runs it: single tensors ranked by
+# raw ||G|| / visits, every tensor a candidate, no block warm-up. ``BlockLLM(params, **PAPER_SETTINGS)``.
+PAPER_SETTINGS = {"granularity": "parameter", "strategy": "norm_over_visits", "embeddings": "candidate",
+                  "patience": 50, "block_warmup_steps": 0}
 
 
 class ConfigError(ValueError):
@@ -25,11 +32,22 @@ class BlockLLMConfig:
     granularity: "parameter" selects single tensors; "layer" whole decoder layers.
     variant: "approximate" trains whole selected blocks (Appendix D, the paper's default);
         "masked" also trims them to exactly (1 - s) * n entries by gradient magnitude.
-    strategy: "norm_over_visits" (the paper), "norm" and "random" (the Appendix E.5 ablations).
-    embeddings: token embeddings / lm_head are "candidate"s like any block, trained "always"
-        (outside the budget, like GaLore leaves them unprojected), or "never" trained.
+    strategy: "norm_over_visits" (the paper: ||G|| / visits), "rms_over_visits" (||G|| / sqrt(numel) / visits:
+        the gradient's root mean square, so that tensor types whose raw norms differ ~50x compete on equal
+        terms), "norm" and "random" (the Appendix E.5 ablations).
+    embeddings: token embeddings / lm_head are "candidate"s like any block, trained "always", or "never"
+        trained. "always" counts against the budget too: sparsity s trains (1 - s) n parameters in all.
     states: Adam moments of the selected block in fp32 ("fp32"), 8-bit bitsandbytes ("bnb_8bit")
         or 8-bit torchao ("torchao_8bit", the one that works on FSDP2's DTensors).
+    block_warmup_steps: a block's learning rate ramps up linearly over its first steps after it is
+        selected (its Adam moments start from zero then, as at step 0 of AdamW, which warms up for the
+        same reason); 0: full learning rate at once.
+    weight_update: how the update reaches parameters stored in bf16/fp16. "fp32_master": the trained
+        blocks (only those) keep an fp32 copy that Adam updates, rounded into the weights after each
+        step; "stochastic_rounding": the update is rounded stochastically into the bf16 weights
+        (torchao's AdamW, no extra memory); "round_to_nearest": plain bf16 arithmetic, where updates
+        smaller than half a bf16 step (2^-9 relative) are lost. fp32 parameters are updated exactly
+        either way.
     seed: seeds the random strategy; never the global RNG, so every rank decides alike.
     step_in_backward: step each trained tensor inside backward, the moment its gradient is ready,
         and free that gradient at once (as GaLore's per-layer mode): the peak then holds one
@@ -41,8 +59,10 @@ class BlockLLMConfig:
     granularity: str = "parameter"
     variant: str = "approximate"
     strategy: str = "norm_over_visits"
-    embeddings: str = "always"
+    embeddings: str = "candidate"
     states: str = "fp32"
+    block_warmup_steps: int = 0
+    weight_update: str = "fp32_master"
     seed: int = 0
     step_in_backward: bool = False
 
@@ -59,10 +79,17 @@ class BlockLLMConfig:
             ("strategy", STRATEGIES),
             ("embeddings", EMBEDDINGS),
             ("states", STATES),
+            ("weight_update", WEIGHT_UPDATES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
+        if isinstance(self.block_warmup_steps, bool) or not isinstance(self.block_warmup_steps, int) \
+                or self.block_warmup_steps < 0:
+            raise ConfigError(f"block_warmup_steps must be an integer >= 0, got {self.block_warmup_steps!r}")
+        if self.weight_update == "stochastic_rounding" and self.states == "bnb_8bit":
+            raise ConfigError("weight_update='stochastic_rounding' steps with torchao's AdamW: use states='fp32' "
+                              "or 'torchao_8bit' (bitsandbytes has no stochastic rounding)")
         if not isinstance(self.step_in_backward, bool):
             raise ConfigError(f"step_in_backward must be true or false, got {self.step_in_backward!r}")
         if self.step_in_backward and self.variant == "masked":

@@ -19,6 +19,10 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # rounded up to a multiple of 16, the usual LLaMA ratio.
     "tiny": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_hidden_layers=2,
                  vocab_size=SHIPPED_TOKENIZER_VOCAB_SIZE, max_position_embeddings=1024),
+    # LLaMA-60M's proportions at CPU size, for quality tests: the shipped 8192-token vocabulary, embeddings and
+    # LM head 57% of the parameters (60M: 56%), 8 decoder layers.
+    "mini": dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=8,
+                 vocab_size=SHIPPED_TOKENIZER_VOCAB_SIZE, max_position_embeddings=1024),
     "60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8,
                 vocab_size=GALORE_VOCAB_SIZE, max_position_embeddings=1024),
     "130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12,

@@ -57,14 +57,18 @@ class BlockLLM(torch.optim.Optimizer):
         numels = [p.numel() for p in self._flat_params()]
         self.blocks = sel.group_into_blocks(self._names, numels, self.config.granularity)
         self._always, self._candidates = self._classify_blocks()
-        self.budget = sel.selection_budget(sum(self.blocks[b].numel for b in self._candidates), self.config.sparsity)
-        self.selection = sel.SelectionState(visits=[0] * len(self.blocks))
+        self.budget = self._candidate_budget()
+        self.selection = sel.SelectionState(visits=[0] * len(self.blocks), since=[-1] * len(self.blocks))
+        self._block_of = {i: b for b, block in enumerate(self.blocks) for i in block.members}
         self._rng = random.Random(self.config.seed)
         self.scorer = GradNormScorer(reduce_grad=average_grad_over_ranks)
         self.reduce_loss: Callable[[float], float] = mean_over_ranks
         self.on_reselect: list[Callable[["BlockLLM"], None]] = []  # backends rebuild engines here
         self._inner: torch.optim.Optimizer | None = None
-        self._inner_sources: list[int] = []  # outer group index of each inner group
+        self._inner_sources: list[tuple[int, int]] = []  # per inner group: (outer group index, selected-at step)
+        # weight_update="fp32_master": flat index -> fp32 copy of a trained low-precision tensor, which the
+        # inner AdamW updates in its place.
+        self._masters: dict[int, torch.Tensor] = {}
         # step_in_backward: one AdamW per trained tensor, stepped by a hook inside backward.
         self._per_tensor: dict[int, torch.optim.Optimizer] = {}
         self._step_hooks: list = []
@@ -99,6 +103,16 @@ class BlockLLM(torch.optim.Optimizer):
         if not candidates and not always:
             raise ValueError("BlockLLM: nothing to train (every parameter is an embedding and embeddings='never')")
         return always, candidates
+
+    def _candidate_budget(self) -> int:
+        always = sum(self.blocks[b].numel for b in self._always)
+        total = sum(block.numel for block in self.blocks)
+        budget = sel.selection_budget(total, self.config.sparsity, always_trained=always)
+        if budget < 0:
+            raise ConfigError(f"embeddings='always' trains {always / total:.0%} of the parameters, more than sparsity "
+                              f"{self.config.sparsity} allows ({1 - self.config.sparsity:.0%}): lower the sparsity "
+                              "or use embeddings='candidate'")
+        return budget
 
     @property
     def _selects_everything(self) -> bool:
@@ -176,7 +190,7 @@ class BlockLLM(torch.optim.Optimizer):
             raise ConfigError("variant='masked' and step_in_backward need BlockLLM to step itself; "
                               "a backend that owns the update (DeepSpeed) supports neither")
         self._delegate = live_optimizer
-        self._inner, self._inner_sources = None, []
+        self._inner, self._inner_sources, self._masters = None, [], {}  # the backend keeps its own masters
 
     # ----- selection --------------------------------------------------------------------------
     def _choose_initial_blocks(self) -> None:
@@ -190,18 +204,23 @@ class BlockLLM(torch.optim.Optimizer):
 
     def _greedy(self, candidate_order: list[int]) -> list[int]:
         numels = [self.blocks[b].numel for b in self._candidates]
-        return [self._candidates[i] for i in sel.greedy_select(candidate_order, numels, self.budget)]
+        reach = self.config.variant == "masked"  # the masks trim the last block's overshoot
+        return [self._candidates[i] for i in sel.greedy_select(candidate_order, numels, self.budget, reach)]
 
     def _select_from_norms(self, scored_norms: list[float]) -> None:
         param_norms = [0.0] * len(self._names)  # tensors never scored (embeddings="never") stay at 0
         for index, norm in zip(self._scored, scored_norms):
             param_norms[index] = norm
         block_norms = [sum(param_norms[i] ** 2 for i in self.blocks[b].members) ** 0.5 for b in self._candidates]
+        if self.config.strategy == "rms_over_visits":
+            block_norms = sel.root_mean_square(block_norms, [self.blocks[b].numel for b in self._candidates])
         visits = [self.selection.visits[b] for b in self._candidates]
-        order = sel.rank_by_score(block_norms, visits, use_visits=self.config.strategy == "norm_over_visits")
+        order = sel.rank_by_score(block_norms, visits, use_visits=self.config.strategy != "norm")
         self._switch_to(self._greedy(order))
 
     def _switch_to(self, blocks: list[int]) -> None:
+        for b in set(blocks) - set(self.selection.selected):
+            self.selection.since[b] = self.selection.step
         self.selection.selected = blocks
         self.selection.reselections += 1
         self._apply_selection()
@@ -227,35 +246,92 @@ class BlockLLM(torch.optim.Optimizer):
     def _rebuild_inner(self, trained: set[int], carry_state: bool) -> None:
         if self._delegate is not None:
             return  # the backend rebuilds its optimizer in an on_reselect callback
+        self._sync_masters(trained, carry_state)
         if self.config.step_in_backward:
             self._rebuild_per_tensor(trained, carry_state)
             return
         old = self._inner
-        groups, self._inner_sources, index = [], [], 0
-        for source, group in enumerate(self.param_groups):
-            chosen = [p for offset, p in enumerate(group["params"]) if index + offset in trained]
-            index += len(group["params"])
-            if chosen:
-                groups.append({**{k: group[k] for k in _HYPERPARAMETERS}, "params": chosen})
-                self._inner_sources.append(source)
-        self._inner = build_adam(self.config.states, groups) if groups else None
+        # One inner group per (outer group, selected-at step): blocks selected together warm up together.
+        grouped: dict[tuple[int, int], list[torch.Tensor]] = {}
+        sources = self._group_of_each_tensor()
+        for i in sorted(trained):
+            grouped.setdefault((sources[i], self._selected_at(i)), []).append(self._stepped(i))
+        self._inner_sources = list(grouped)
+        groups = [{**{k: self.param_groups[source][k] for k in _HYPERPARAMETERS}, "params": tensors}
+                  for (source, _), tensors in grouped.items()]
+        self._inner = self._build_adam(groups) if groups else None
         if carry_state and old is not None and self._inner is not None:
-            for param in (p for g in groups for p in g["params"]):
-                if param in old.state:
-                    self._inner.state[param] = old.state[param]
+            for tensor in (p for g in groups for p in g["params"]):
+                if tensor in old.state:
+                    self._inner.state[tensor] = old.state[tensor]
+
+    def _build_adam(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        rounding = self.config.weight_update == "stochastic_rounding"
+        return build_adam(self.config.states, groups, stochastic_rounding=rounding)
+
+    def _group_of_each_tensor(self) -> list[int]:
+        return [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
+
+    def _selected_at(self, index: int) -> int:
+        """The step the tensor's block was selected at; -1 for blocks trained from the start."""
+        return self.selection.since[self._block_of[index]] if self.selection.since else -1
+
+    def _lr_factor(self, selected_at: int) -> float:
+        """block_warmup_steps: a linear ramp over a newly selected block's first steps, whose Adam moments
+        start from zero (blocks trained from the start are warmed up by the run's own schedule)."""
+        warmup = self.config.block_warmup_steps
+        if warmup == 0 or selected_at < 0:
+            return 1.0
+        return min(1.0, (self.selection.step - selected_at + 1) / warmup)
+
+    # ----- fp32 masters (weight_update="fp32_master") ---------------------------------------------
+    def _sync_masters(self, trained: set[int], carry_state: bool) -> None:
+        """Keep an fp32 copy of each trained bf16/fp16 tensor: copies of tensors that stay are kept (they
+        hold what rounding into the weights lost), those of tensors that leave are dropped."""
+        params = self._flat_params()
+        kept = self._masters if carry_state else {}
+        self._masters = {}
+        if self.config.weight_update != "fp32_master":
+            return
+        for i in sorted(trained):
+            if params[i].dtype in (torch.bfloat16, torch.float16):
+                self._masters[i] = kept[i] if i in kept else params[i].detach().float()
+
+    def _stepped(self, index: int) -> torch.Tensor:
+        """The tensor Adam updates for flat parameter ``index``: its fp32 master, or the parameter itself."""
+        return self._masters[index] if index in self._masters else self._flat_params()[index]
+
+    def _grads_to_masters(self, indices) -> None:
+        params = self._flat_params()
+        for i in indices:
+            if i in self._masters:
+                grad = params[i].grad
+                self._masters[i].grad = None if grad is None else grad.float()
+                params[i].grad = None  # the fp32 copy replaces it: no need to hold both
+
+    def _masters_to_weights(self, indices) -> None:
+        params = self._flat_params()
+        for i in indices:
+            if i in self._masters:
+                params[i].copy_(self._masters[i])
+                self._masters[i].grad = None
+
+    def master_numel(self) -> int:
+        """Elements held in fp32 master copies right now (only trained low-precision tensors have one)."""
+        return sum(m.numel() for m in self._masters.values())
 
     def _rebuild_per_tensor(self, trained: set[int], carry_state: bool) -> None:
         """One AdamW per trained tensor, stepped the moment its gradient is ready (then freed)."""
         for handle in self._step_hooks:
             handle.remove()
         old = self._per_tensor if carry_state else {}
-        sources = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
+        sources = self._group_of_each_tensor()
         params = self._flat_params()
         self._per_tensor, self._step_hooks = {}, []
         for i in sorted(trained):
             group = self.param_groups[sources[i]]
-            self._per_tensor[i] = old.get(i) or build_adam(
-                self.config.states, [{**{k: group[k] for k in _HYPERPARAMETERS}, "params": [params[i]]}])
+            self._per_tensor[i] = old.get(i) or self._build_adam(
+                [{**{k: group[k] for k in _HYPERPARAMETERS}, "params": [self._stepped(i)]}])
             self._step_hooks.append(params[i].register_post_accumulate_grad_hook(self._backward_stepper(i, group)))
 
     def _backward_stepper(self, index: int, group: dict):
@@ -266,8 +342,11 @@ class BlockLLM(torch.optim.Optimizer):
             if self.selection.scoring:
                 self.scorer.observe(param, param.grad)
             # read at every step, so LR schedulers reach it
-            copy_hyperparameters(group, optimizer.param_groups[0], _HYPERPARAMETERS)
+            factor = self._lr_factor(self._selected_at(index))
+            copy_hyperparameters({**group, "lr": group["lr"] * factor}, optimizer.param_groups[0], _HYPERPARAMETERS)
+            self._grads_to_masters([index])
             optimizer.step()
+            self._masters_to_weights([index])
             param.grad = None
 
         return step_and_free
@@ -292,15 +371,23 @@ class BlockLLM(torch.optim.Optimizer):
     def _update_trained_blocks(self) -> None:
         if self._inner is None:
             return
-        for inner_group, source in zip(self._inner.param_groups, self._inner_sources):
-            copy_hyperparameters(self.param_groups[source], inner_group, _HYPERPARAMETERS)
+        for inner_group, (source, selected_at) in zip(self._inner.param_groups, self._inner_sources):
+            outer = self.param_groups[source]
+            scaled = {**outer, "lr": outer["lr"] * self._lr_factor(selected_at)}
+            copy_hyperparameters(scaled, inner_group, _HYPERPARAMETERS)
+        trained = sorted(self._trained_indices())
         if self.config.variant == "masked":
-            self._masked_inner_step()
-        else:
-            self._inner.step()
+            self._draw_fresh_masks()
+        self._grads_to_masters(trained)
+        before = {i: self._stepped(i).detach().clone() for i in self._masks}
+        self._inner.step()
+        for i, mask in self._masks.items():  # masked variant: only the masked entries move
+            stepped = self._stepped(i)
+            stepped.copy_(torch.where(mask, stepped, before[i]))
+        self._masters_to_weights(trained)
 
-    def _masked_inner_step(self) -> None:
-        """Adam on the whole block (moments stay dense), but only the masked entries move.
+    def _draw_fresh_masks(self) -> None:
+        """The masked variant: Adam on the whole block (moments stay dense), but only masked entries move.
 
         Masks are drawn from the first gradient a block sees after selection (its top |g| entries,
         so that the trained entries total the budget) and kept until the block leaves. Blocks that
@@ -315,10 +402,6 @@ class BlockLLM(torch.optim.Optimizer):
             keep_fraction = min(1.0, max(0, self.budget - held) / fresh_numel)
             for i in fresh:
                 self._masks[i] = sel.top_magnitude_mask(params[i].grad, keep_fraction)
-        before = {i: params[i].detach().clone() for i in self._masks}
-        self._inner.step()
-        for i, mask in self._masks.items():
-            params[i].copy_(torch.where(mask, params[i], before[i]))
 
     def _advance_selection(self) -> None:
         state = self.selection
@@ -364,6 +447,7 @@ class BlockLLM(torch.optim.Optimizer):
             "inner": self._inner.state_dict() if self._inner is not None else None,
             "per_tensor": {self._names[i]: o.state_dict() for i, o in self._per_tensor.items()},
             "masks": {self._names[i]: m.to(params[i].device) for i, m in self._masks.items()},
+            "masters": {self._names[i]: m for i, m in self._masters.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -379,6 +463,8 @@ class BlockLLM(torch.optim.Optimizer):
         self._masks = {index[n]: m.to(params[index[n]].device) for n, m in state_dict["masks"].items()}
         self.scorer.finish()
         self._apply_selection(carry_state=False)
+        for name, saved in state_dict.get("masters", {}).items():  # what rounding into bf16 weights lost
+            self._masters[index[name]].copy_(saved)
         if self._inner is not None and state_dict["inner"] is not None:
             self._inner.load_state_dict(state_dict["inner"])
         for name, saved in state_dict.get("per_tensor", {}).items():

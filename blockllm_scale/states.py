@@ -18,8 +18,19 @@ except ImportError:  # torch built without distributed support
     DTensor = ()
 
 
-def build_adam(states: str, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """An AdamW over ``param_groups`` whose moments are stored as ``states`` says."""
+def build_adam(states: str, param_groups: list[dict[str, Any]], stochastic_rounding: bool = False) -> torch.optim.Optimizer:
+    """An AdamW over ``param_groups`` whose moments are stored as ``states`` says.
+
+    ``stochastic_rounding``: bf16 parameters receive their update rounded stochastically (torchao's AdamW
+    computes it in fp32 and rounds up or down with the probability of the remainder), so that updates
+    below half a bf16 step still move the weights on average; no fp32 copy is kept.
+    """
+    if stochastic_rounding:
+        from torchao.optim import AdamW8bit, _AdamW
+
+        if states == "bnb_8bit":
+            raise ValueError("stochastic rounding needs torchao's AdamW: states fp32 or torchao_8bit")
+        return (AdamW8bit if states == "torchao_8bit" else _AdamW)(param_groups, bf16_stochastic_round=True)
     if states == "fp32":
         return torch.optim.AdamW(param_groups)
     if states == "bnb_8bit":

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `baselines/` beside `launch/`
 
 from baselines import BASELINE_SECTIONS, BASELINES, BadamConfig, GaloreConfig  # noqa: E402
+from baselines.master_weights import Fp32MasterWeights  # noqa: E402
 from blockllm_scale import BlockLLM, BlockLLMConfig  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
 from blockllm_scale.checkpoint import resolve_resume, restore_rng_states, rng_states, save_checkpoint  # noqa: E402
@@ -43,7 +44,7 @@ from blockllm_scale.parallel import gather_over_ranks, mean_over_ranks  # noqa: 
 from blockllm_scale.selection import lowest_trained_layer  # noqa: E402
 
 BACKENDS = ("auto", "plain", "deepspeed", "fsdp2", "accelerate")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-pure": torch.bfloat16}
 
 
 def _help(text: str):
@@ -64,7 +65,10 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (AdamW)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of --lr"})
-    dtype: str = field(default="fp32", metadata={"help": "weights and compute: fp32 or bf16"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32; bf16: bf16 weights and compute, the optimizer updating "
+                       "fp32 copies of what it trains (BlockLLM: of its selected blocks only; DeepSpeed and FSDP2: their "
+                       "own mixed precision); bf16-pure: bf16 weights updated in place, where small updates are "
+                       "rounded away (plain backend; asked for explicitly)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     checkpoint_scoring_steps: bool = field(default=True, metadata={"help": "recompute activations on BlockLLM's "
                                            "scoring steps only (their full-depth backward is the memory peak "
@@ -99,7 +103,7 @@ class TrainConfig:
         if self.optimizer != "blockllm" and self.optimizer not in BASELINES:
             raise ValueError(f"--optimizer must be blockllm or one of {', '.join(BASELINES)}; got {self.optimizer!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -169,14 +173,28 @@ def make_backend(train: TrainConfig):
     return AccelerateBackend(train)
 
 
-def build_optimizer(train: TrainConfig, blockllm: BlockLLMConfig, model: torch.nn.Module, sections: dict | None = None):
-    """BlockLLM or a baseline; ``sections`` (from parse_args) supplies a baseline's own settings."""
+def build_optimizer(train: TrainConfig, blockllm: BlockLLMConfig, model: torch.nn.Module, sections: dict | None = None,
+                    fp32_masters: bool = False):
+    """BlockLLM or a baseline; ``sections`` (from parse_args) supplies a baseline's own settings.
+
+    ``fp32_masters``: the optimizer updates fp32 copies of the bf16 weights it trains (``--dtype bf16`` on the
+    plain backend; DeepSpeed and FSDP2 keep their own). ``--dtype bf16-pure`` updates the weights in place.
+    """
     adam = dict(lr=train.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
     if train.optimizer == "blockllm":
-        return BlockLLM(model.named_parameters(), **adam, **dataclasses.asdict(blockllm))
+        settings = dataclasses.asdict(blockllm)
+        if train.dtype == "bf16-pure":
+            settings["weight_update"] = "round_to_nearest"
+        return BlockLLM(model.named_parameters(), **adam, **settings)
     section = BASELINE_SECTIONS.get(train.optimizer)
     settings = {"config": sections[section]} if section and sections else {}
-    return BASELINES[train.optimizer](model, **adam, **settings)
+    optimizer = BASELINES[train.optimizer](model, **adam, **settings)
+    if fp32_masters and train.dtype == "bf16":
+        if getattr(optimizer, "steps_in_backward", False) or train.optimizer == "badam":
+            raise ConfigError(f"--optimizer {train.optimizer} with --dtype bf16: it keeps no fp32 master weights here; "
+                              "use --dtype bf16-pure (and compare it with runs in the same precision)")
+        optimizer = Fp32MasterWeights(optimizer)
+    return optimizer
 
 
 def check_steps_in_backward(optimizer, train: TrainConfig, backend) -> None:
@@ -270,7 +288,12 @@ def train_loop(sections: dict) -> list[float]:
     if train.activation_checkpointing:  # before the backend wraps the model (DeepSpeed, FSDP2)
         set_activation_checkpointing(model, True)
     model.to(backend.device)
-    optimizer = build_optimizer(train, blockllm_cfg, model, sections)
+    from blockllm_scale.integrations.plain import PlainBackend
+
+    if train.dtype == "bf16-pure" and type(backend) is not PlainBackend:
+        raise ConfigError(f"--dtype bf16-pure is for the plain backend; {type(backend).__name__} keeps fp32 master "
+                          "weights in bf16 (use --dtype bf16)")
+    optimizer = build_optimizer(train, blockllm_cfg, model, sections, fp32_masters=type(backend) is PlainBackend)
     check_steps_in_backward(optimizer, train, backend)
     blockllm = optimizer if isinstance(optimizer, BlockLLM) else None
     scheduler = cosine_schedule(optimizer, train)

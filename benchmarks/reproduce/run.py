@@ -124,6 +124,7 @@ class Job:
     method: str
     flags: list = field(default_factory=list)
     target_steps: int = 0
+    label: str = ""  # how results name it (default: report.LABELS, else the method)
 
 
 def data_flags(args) -> list[str]:
@@ -180,7 +181,7 @@ def prepare(job: Job, run_dir: Path) -> bool:
     records = [r for r in report.read_metrics(run_dir) if r["step"] <= keep]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     command = shown(["python", "launch/pretrain.py", *launcher_argv(job, run_dir, None)])
-    spec = {**dataclasses.asdict(job), "label": report.LABELS.get(job.method, job.method), "command": command}
+    spec = {**dataclasses.asdict(job), "label": job.label or report.LABELS.get(job.method, job.method), "command": command}
     spec_path.write_text(json.dumps({**spec, "status": "running"}, indent=2) + "\n")
     return True
 
@@ -212,12 +213,15 @@ class Active:
     log: object = None
 
 
-def run_jobs(jobs: list[Job], runs_dir: Path, plan: Plan, parallel: int, deadline: float | None) -> None:
-    """Run up to `parallel` jobs at once, each with the time left; a job that cannot start in time is skipped."""
+def run_jobs(jobs: list[Job], runs_dir: Path, plan: Plan, parallel: int, deadline: float | None,
+             flat: bool = False) -> None:
+    """Run up to `parallel` jobs at once, each with the time left; a job that cannot start in time is skipped.
+    Run directories are runs_dir/<kind>/<name>, or runs_dir/<name> with ``flat`` (one kind of run only)."""
     pending, active = list(jobs), []
     while pending or active:
         while pending and len(active) < parallel:
-            started = start(pending.pop(0), runs_dir, plan, parallel, deadline)
+            job = pending.pop(0)
+            started = start(job, runs_dir if flat else runs_dir / job.kind, plan, parallel, deadline)
             active += [started] if started else []
         for entry in [e for e in active if finished(e, plan, deadline)]:
             active.remove(entry)
@@ -226,7 +230,7 @@ def run_jobs(jobs: list[Job], runs_dir: Path, plan: Plan, parallel: int, deadlin
 
 
 def start(job: Job, runs_dir: Path, plan: Plan, parallel: int, deadline: float | None) -> Active | None:
-    run_dir = runs_dir / job.kind / job.name
+    run_dir = runs_dir / job.name
     if not prepare(job, run_dir):
         print(f"[reproduce] {job.name}: already complete", flush=True)
         return None
@@ -293,7 +297,7 @@ def device_name() -> str:
 def tree_sha256() -> str:
     """The code that ran, identified even where there is no .git (the GPU machine gets a bare copy)."""
     digest = hashlib.sha256()
-    for pattern in ("blockllm_scale/**/*.py", "launch/*.py", "baselines/*.py", "benchmarks/reproduce/*.py"):
+    for pattern in ("blockllm_scale/**/*.py", "launch/*.py", "baselines/*.py", "benchmarks/*.py", "benchmarks/reproduce/*.py"):
         for path in sorted(REPO.glob(pattern)):
             digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
@@ -308,7 +312,7 @@ def corpus_info(args) -> dict:
     if not manifest_path.exists():
         sizes = {split: int(np.load(corpus / f"{split}.npy", mmap_mode="r").shape[0]) for split in ("train", "eval")}
         return {"description": f"token arrays in {corpus} without a manifest: {sizes['train']:,} train tokens, "
-                               f"{sizes['eval']:,} held-out tokens, tokenizer {args.tokenizer}",
+                               f"{sizes['eval']:,} held-out tokens, tokenizer {getattr(args, 'tokenizer', '?')}",
                 "train_tokens": sizes["train"], "eval_tokens": sizes["eval"]}
     manifest = json.loads(manifest_path.read_text())
     train, held_out = manifest["train"], manifest["eval"]
@@ -320,12 +324,14 @@ def corpus_info(args) -> dict:
             "eval_sha256": held_out["sha256"], "package_versions": manifest["package_versions"]}
 
 
-def record_invocation(runs_dir: Path, plan: Plan, args, argv: list[str]) -> None:
+def record_invocation(runs_dir: Path, plan, args, command: list[str]) -> None:
+    """Append what this call ran with (device, versions, commit, command, corpus, plan) to invocations.jsonl."""
     corpus = corpus_info(args)
+    summary = plan.summary(corpus["train_tokens"]) if hasattr(plan, "summary") else None
     entry = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "command": " ".join(["python", "benchmarks/reproduce/run.py", *argv]), "device": device_name(),
+             "command": " ".join(["python", *command]), "device": device_name(),
              "versions": environment.versions(), "commit": environment.git_commit(), "tree_sha256": tree_sha256(),
-             "corpus": corpus, "plan": {**dataclasses.asdict(plan), "summary": plan.summary(corpus["train_tokens"])}}
+             "corpus": corpus, "plan": {**dataclasses.asdict(plan), "summary": summary}}
     runs_dir.mkdir(parents=True, exist_ok=True)
     with open(runs_dir / "invocations.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             print("\n".join(shown(["python", "launch/pretrain.py", *launcher_argv(j, runs_dir / j.kind / j.name, None)])
                             for j in jobs))
             return []
-        record_invocation(runs_dir, plan, args, argv)
+        record_invocation(runs_dir, plan, args, ["benchmarks/reproduce/run.py", *argv])
         run_jobs([j for j in jobs if j.kind == "memory"], runs_dir, plan, 1, deadline)  # alone on the device
         run_jobs([j for j in jobs if j.kind == "train"], runs_dir, plan, args.parallel or plan.parallel, deadline)
     summary = render.write_all(runs_dir, Path(args.results_dir), args.command)

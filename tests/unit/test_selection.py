@@ -20,7 +20,7 @@ N_INSTANCES = 500
 
 
 # ----- greedy_select ----------------------------------------------------------------------------
-def test_greedy_select_reaches_budget_and_is_minimal():
+def test_greedy_select_fits_the_budget_in_rank_order():
     rng = random.Random(1234)
     for _ in range(N_INSTANCES):
         count = rng.randint(1, 12)
@@ -33,28 +33,54 @@ def test_greedy_select_reaches_budget_and_is_minimal():
 
         assert chosen == sorted(chosen), "greedy_select returns block indices in ascending order"
         assert len(set(chosen)) == len(chosen)
-        # It is a prefix of the given order: blocks are taken in rank order, never skipped.
+        chosen_numel = sum(numels[i] for i in chosen)
+        alone = len(chosen) == 1 and numels[chosen[0]] > budget
+        # Never more than the budget, except the top-ranked block alone when it is larger than the budget.
+        assert chosen_numel <= budget or (alone and chosen[0] == order[0] and budget > 0)
+        if budget >= total:
+            assert chosen == sorted(order), "a budget above the total takes every block"
+        if budget == 0:
+            assert chosen == []
+        # Greedy by rank: every passed-over block was too big for what was left when its turn came.
+        left, taken = budget, set()
+        for i in order:
+            if i in chosen:
+                taken.add(i)
+                left -= numels[i]
+            elif left > 0:
+                assert numels[i] > left, "a block that fitted was passed over"
+        # Nothing left unchosen would still fit (unless the top block alone overshot the budget).
+        if not alone:
+            assert all(numels[i] > budget - chosen_numel for i in range(count) if i not in chosen)
+
+
+def test_greedy_select_reach_is_the_papers_pass():
+    # The masked variant's pass: a prefix of the order whose sum reaches the budget, minimal.
+    rng = random.Random(4321)
+    for _ in range(N_INSTANCES):
+        count = rng.randint(1, 12)
+        numels = [rng.randint(1, 50) for _ in range(count)]
+        order = rng.sample(range(count), count)
+        budget = rng.randint(0, sum(numels) + 20)
+        chosen = sel.greedy_select(order, numels, budget, reach=True)
         k = len(chosen)
         assert set(chosen) == set(order[:k])
         chosen_numel = sum(numels[i] for i in chosen)
-        if budget <= total:
-            assert chosen_numel >= budget
-        else:
-            assert chosen == sorted(order), "a budget above the total takes every block"
-        # Minimal in the greedy sense: without the last-ranked chosen block it is below budget.
-        if k:
-            assert chosen_numel - numels[order[k - 1]] < budget
-        else:
-            assert budget == 0
+        assert chosen_numel >= min(budget, sum(numels))
+        assert not k or chosen_numel - numels[order[k - 1]] < budget
 
 
 def test_greedy_select_examples():
-    # order 2, 0, 1; block sizes 5, 3, 4 (block 2 has 4): budget 4 -> block 2 alone (4 >= 4);
-    # budget 5 -> blocks 2 and 0 (9); budget 9 -> still 2 and 0; budget 10 -> all three.
+    # order 2, 0, 1; block sizes 5, 3, 4 (block 2 has 4): budget 4 -> block 2 alone (4 fits exactly);
+    # budget 5 -> block 2, then 0 (5) does not fit in 1, nor 1 (3): [2]; budget 7 -> 2 and 1 (4 + 3);
+    # budget 9 -> 2 and 0; budget 12 -> all three; budget 3 -> block 2 is larger than the whole budget
+    # and first in the order: taken alone, so that no block is untrainable.
     assert sel.greedy_select([2, 0, 1], [5, 3, 4], 4) == [2]
-    assert sel.greedy_select([2, 0, 1], [5, 3, 4], 5) == [0, 2]
+    assert sel.greedy_select([2, 0, 1], [5, 3, 4], 5) == [2]
+    assert sel.greedy_select([2, 0, 1], [5, 3, 4], 7) == [1, 2]
     assert sel.greedy_select([2, 0, 1], [5, 3, 4], 9) == [0, 2]
-    assert sel.greedy_select([2, 0, 1], [5, 3, 4], 10) == [0, 1, 2]
+    assert sel.greedy_select([2, 0, 1], [5, 3, 4], 12) == [0, 1, 2]
+    assert sel.greedy_select([2, 0, 1], [5, 3, 4], 3) == [2]
     assert sel.greedy_select([2, 0, 1], [5, 3, 4], 0) == []
 
 
@@ -66,6 +92,13 @@ def test_selection_budget_is_ceil_of_one_minus_s_times_n(sparsity, total):
     # in floats is 300.00000000000006, which must not become a budget of 301.
     exact = math.ceil((1 - Fraction(repr(sparsity))) * total)
     assert sel.selection_budget(total, sparsity) == exact
+    # Always-trained parameters (embeddings="always") count against the same budget.
+    assert sel.selection_budget(total, sparsity, always_trained=exact // 2) == exact - exact // 2
+
+
+def test_root_mean_square_puts_blocks_of_any_size_on_one_scale():
+    # A block 100x larger with the same per-entry gradient has a 10x larger norm but the same score.
+    assert sel.root_mean_square([10.0, 1.0, 0.0], [100, 1, 0]) == [1.0, 1.0, 0.0]
 
 
 # ----- rank_by_score ----------------------------------------------------------------------------
