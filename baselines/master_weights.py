@@ -34,11 +34,20 @@ class Fp32MasterWeights(torch.optim.Optimizer):
                 else:
                     masters.append(param)
             group["params"] = masters
-        # Share, not copy: schedulers and the launcher read and write the wrapped optimizer's groups.
-        self.param_groups, self.defaults, self.state = optimizer.param_groups, optimizer.defaults, optimizer.state
+        self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
         self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+
+    # Read through, never copied: the wrapped optimizer's load_state_dict replaces its param_groups list, and a
+    # copy kept here would leave LR schedulers writing to groups it no longer reads.
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
 
     @torch.no_grad()
     def step(self, closure=None):

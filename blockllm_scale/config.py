@@ -56,7 +56,7 @@ class BlockLLMConfig:
 
     sparsity: float = 0.9
     patience: int = 50
-    granularity: str = "parameter"
+    granularity: str = "layer"
     variant: str = "approximate"
     strategy: str = "norm_over_visits"
     embeddings: str = "candidate"

@@ -22,7 +22,7 @@ PAPER_STEPS = {"60m": 10_000, "130m": 20_000, "350m": 60_000}  # Table 9, total 
 PAPER_TOKENS_PER_STEP = 512 * 256
 LABELS = {"blockllm": "BlockLLM s=0.5", "blockllm-s0.7": "BlockLLM s=0.7", "blockllm-s0.9": "BlockLLM s=0.9",
           "galore": "GaLore", "adamw": "AdamW (full)", "blockllm-random-m75": "random selection, m=75",
-          "blockllm-norm": "norm only (no visit frequency)", "blockllm-emb-always": "BlockLLM s=0.5, embeddings always"}
+          "blockllm-norm": "norm only (no visit frequency)", "blockllm-defaults": "BlockLLM s=0.5, this project's defaults"}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -148,19 +148,18 @@ def quality_table(runs: list[dict], reference: str | None = None) -> dict:
     return out
 
 
-def embeddings_verdict(table: dict, noise: float = 0.01) -> str:
-    """The measured default for --embeddings: lower eval loss wins; within `noise`, lower memory wins."""
+def defaults_verdict(table: dict) -> str:
+    """This project's defaults against the paper's rule, both BlockLLM s=0.5, at equal tokens."""
     rows = table["rows"]
-    cand, always = rows.get("blockllm"), rows.get("blockllm-emb-always")
-    if not cand or not always or cand["eval_loss"] is None or always["eval_loss"] is None:
-        return "Embeddings: not measured (a run is missing)."
-    delta = always["eval_loss"] - cand["eval_loss"]
-    mem = {k: r["peak_allocated_gib"] for k, r in (("candidate", cand), ("always", always))}
-    if abs(delta) > noise:
-        choice, why = ("always", "lower eval loss") if delta < 0 else ("candidate", "lower eval loss")
-    else:
-        choice = min(mem, key=lambda k: mem[k] if mem[k] is not None else math.inf)
-        why = f"eval losses within {noise}, lower peak memory"
-    peaks = " vs ".join("–" if mem[k] is None else f"{mem[k]:.2f}" for k in ("always", "candidate"))
-    return (f"Embeddings: `always` minus `candidate` eval loss = {delta:+.4f} at {table['compared_at_tokens']} tokens; "
-            f"peak {peaks} GiB. Measured choice: `--embeddings {choice}` ({why}).")
+    paper, defaults = rows.get("blockllm"), rows.get("blockllm-defaults")
+    if not paper or not defaults or paper["eval_loss"] is None or defaults["eval_loss"] is None:
+        return "Defaults vs the paper's rule: not measured (a run is missing)."
+    delta = defaults["eval_loss"] - paper["eval_loss"]
+    return (f"Defaults vs the paper's rule: eval loss {defaults['eval_loss']:.4f} vs {paper['eval_loss']:.4f} "
+            f"({delta:+.4f}) at {table['compared_at_tokens']} tokens; trained fraction "
+            f"{_fraction(defaults)} vs {_fraction(paper)}.")
+
+
+def _fraction(row: dict) -> str:
+    value = row.get("mean_selected_fraction")
+    return "–" if value is None else f"{value:.3f}"

@@ -3,7 +3,7 @@
     python benchmarks/reproduce/run.py table3-memory   # peak memory, 60M/130M/350M at the paper's batch
     python benchmarks/reproduce/run.py table3-ppl      # eval perplexity at equal tokens, scaled budget
     python benchmarks/reproduce/run.py figure4         # 60M: BlockLLM s = 0.5/0.7/0.9 vs GaLore vs AdamW
-    python benchmarks/reproduce/run.py ablations       # 60M: random m=75, norm only, embeddings always
+    python benchmarks/reproduce/run.py ablations       # 60M: random m=75, norm only, this project's defaults
     python benchmarks/reproduce/run.py all --time_budget 420     # everything, in one GPU sitting
     python benchmarks/reproduce/run.py report          # rewrite results from runs/reproduce, no training
     python benchmarks/reproduce/run.py all --plan cpu  # dry run: tiny model, CPU, in-process, seconds
@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import environment  # noqa: E402  (versions, commit, GPU name: shared with the memory suite)
 from benchmarks.reproduce import render, report  # noqa: E402
 from benchmarks.reproduce.render import ABLATIONS, FIGURE4, TABLE3, TABLE3_PPL  # noqa: E402
+from blockllm_scale.config import PAPER_SETTINGS  # noqa: E402
 
 COMMANDS = ("table3-memory", "table3-ppl", "figure4", "ablations", "all", "report")
 
@@ -99,16 +100,20 @@ PLANS = {
 def method_flags(method: str, size: str, plan: Plan, steps: int) -> list[str]:
     """The paper's settings per method (Appendix E.3/E.5; GaLore's as in its repository's C4 scripts)."""
 
-    def blockllm(sparsity, patience=50, strategy="norm_over_visits", embeddings="candidate"):
-        # lr 1e-3, no warm-up; every layer, embeddings included, is a candidate (the paper's Algorithm 2).
-        return (f"--optimizer blockllm --sparsity {sparsity} --patience {patience} --strategy {strategy} "
-                f"--embeddings {embeddings} --lr 1e-3 --warmup_steps 0").split()
+    def blockllm(sparsity, **overrides):
+        # The paper's rule (PAPER_SETTINGS: single tensors, ||G|| / visits, every tensor a candidate, m = 50),
+        # lr 1e-3, no warm-up.
+        settings = {**PAPER_SETTINGS, **overrides}
+        return (f"--optimizer blockllm --sparsity {sparsity} --lr 1e-3 --warmup_steps 0 "
+                + " ".join(f"--{k} {v}" for k, v in settings.items())).split()
 
     warmup = steps // 10  # GaLore and AdamW: 10% linear warm-up
     flags = {
         "blockllm": blockllm(0.5), "blockllm-s0.7": blockllm(0.7), "blockllm-s0.9": blockllm(0.9),
-        "blockllm-random-m75": blockllm(0.5, 75, "random"), "blockllm-norm": blockllm(0.5, strategy="norm"),
-        "blockllm-emb-always": blockllm(0.5, embeddings="always"),
+        "blockllm-random-m75": blockllm(0.5, patience=75, strategy="random"),
+        "blockllm-norm": blockllm(0.5, strategy="norm"),
+        # This project's defaults (BlockLLMConfig), at the same learning rate, with AdamW's warm-up.
+        "blockllm-defaults": f"--optimizer blockllm --sparsity 0.5 --lr 1e-3 --warmup_steps {warmup}".split(),
         "galore": (f"--optimizer galore --rank {plan.galore_rank[size]} --update_proj_gap 200 --scale 0.25 "
                    f"--lr 0.01 --warmup_steps {warmup}").split(),
         "adamw": f"--optimizer adamw --lr 1e-3 --warmup_steps {warmup}".split(),

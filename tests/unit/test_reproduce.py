@@ -65,15 +65,16 @@ def test_quality_is_compared_at_the_last_step_every_run_reached(tmp_path):
     assert table["eval_loss_delta_to_galore"]["blockllm"] == pytest.approx(-0.5)
 
 
-def test_resumed_steps_are_read_once_and_the_embeddings_verdict_follows_the_loss(tmp_path):
+def test_resumed_steps_are_read_once_and_the_defaults_verdict_compares_at_equal_tokens(tmp_path):
     records = steps(3) + [{**steps(3)[1], "loss": 9.0}]  # step 2 logged again after a resume
     fake_run(tmp_path, "train", "60m", "x", records, 3)
     assert [r["loss"] for r in report.read_metrics(tmp_path / "train" / "60m-x")] == [5.0, 9.0, 5.0]
-    table = {"compared_at_tokens": 10, "rows": {"blockllm": {"eval_loss": 4.00, "peak_allocated_gib": 1.0},
-                                                "blockllm-emb-always": {"eval_loss": 3.90, "peak_allocated_gib": 2.0}}}
-    assert "`--embeddings always` (lower eval loss)" in report.embeddings_verdict(table)
-    table["rows"]["blockllm-emb-always"]["eval_loss"] = 3.995  # within noise: the smaller peak wins
-    assert "`--embeddings candidate` (eval losses within" in report.embeddings_verdict(table)
+    table = {"compared_at_tokens": 10, "rows": {"blockllm": {"eval_loss": 4.00, "mean_selected_fraction": 0.6},
+                                                "blockllm-defaults": {"eval_loss": 3.90, "mean_selected_fraction": 0.5}}}
+    verdict = report.defaults_verdict(table)
+    assert "3.9000 vs 4.0000 (-0.1000) at 10 tokens" in verdict and "0.500 vs 0.600" in verdict
+    del table["rows"]["blockllm-defaults"]
+    assert "not measured" in report.defaults_verdict(table)
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_cpu_dry_run_writes_every_report_and_reruns_nothing(tmp_path, tiny_corpu
     assert figure4["corpus"]["train_tokens"] == 40_000 and "test-corpus" in figure4["corpus"]["description"]
     assert figure4["invocation"]["command"].startswith("python benchmarks/reproduce/run.py all --plan cpu")
     ablations = (tmp_path / "results" / "reproduce_ablations.md").read_text()
-    assert "Measured choice: `--embeddings" in ablations and "40,000 train tokens" in ablations
+    assert "Defaults vs the paper's rule: eval loss" in ablations and "40,000 train tokens" in ablations
     assert any(line.startswith("memory tiny: BlockLLM/GaLore") for line in summary)
 
     capsys.readouterr()
