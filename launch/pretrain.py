@@ -37,7 +37,8 @@ from blockllm_scale import BlockLLM, BlockLLMConfig  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
 from blockllm_scale.checkpoint import resolve_resume, restore_rng_states, rng_states, save_checkpoint  # noqa: E402
 from blockllm_scale.integrations.accelerate import launched_by_accelerate  # noqa: E402
-from blockllm_scale.data import DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size  # noqa: E402
+from blockllm_scale.data import (DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size,  # noqa: E402
+                                 require_rows)
 from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity  # noqa: E402
 from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
 from blockllm_scale.parallel import gather_over_ranks, mean_over_ranks  # noqa: E402
@@ -283,6 +284,8 @@ def train_loop(sections: dict) -> list[float]:
     torch.manual_seed(train.seed)
     tokenizer = load_tokenizer(data.tokenizer)
     train_set, eval_set = build_datasets(data)
+    if train.eval_every:  # found now, not at the first evaluation
+        require_rows(eval_set, train.batch_size * backend.world_size, f"the held-out part of --dataset {data.dataset}")
     with torch.device(backend.device):  # initialise in place: a 7B never passes through host memory
         model = build_model(train.model, vocab_size=model_vocab_size(data, tokenizer), dtype=DTYPES[train.dtype])
     if train.activation_checkpointing:  # before the backend wraps the model (DeepSpeed, FSDP2)
