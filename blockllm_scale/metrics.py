@@ -1,5 +1,24 @@
-"""Per-run metrics: one JSON object per line in ``<out_dir>/metrics.jsonl``, written by rank 0, plus the
-numbers the progress bar shows. Appends on resume, so one file holds the whole run."""
+"""Per-run metrics: one JSON object per step in ``<out_dir>/metrics.jsonl``, written by rank 0.
+
+Every field of a record describes that record's step (the ``step``-th optimizer step, counted from 1):
+
+| field | meaning |
+|---|---|
+| `step` | this step's number, 1 for the first optimizer step |
+| `loss` | training loss of this step: mean over its micro-batches and over ranks |
+| `lr` | learning rate this step's update used (the schedule's value for this step) |
+| `tokens` | tokens trained on, all ranks together, up to and including this step |
+| `tokens_per_s` | this step's tokens over its seconds: forward, backward and update (evaluations and checkpoints are not counted) |
+| `peak_allocated_gib`, `peak_reserved_gib` | CUDA: the run's peak memory up to and including this step, on the fullest GPU (`torch.cuda.max_memory_*`) |
+| `peak_rss_gib` | CPU: the process's peak resident memory up to and including this step, the largest over ranks |
+| `lowest_trained_layer` | the lowest decoder layer this step trained (-1: an input embedding; null: none), which sets how deep backward went |
+| `selected_fraction` | BlockLLM: the share of the model's parameters this step updated |
+| `scoring_step` | BlockLLM: this step was a scoring step (every candidate took a gradient so that its norm could be measured: a full-depth backward) |
+| `reselected` | BlockLLM: this step's optimizer step chose a new selection (the outcome of a scoring step, or a random draw); the next step trains it |
+| `eval_loss`, `eval_perplexity` | held-out loss after this step's update (and its exp), on the steps that evaluate (`--eval_every`, and the last) |
+
+A resumed run appends to the same file, so one file holds the whole run.
+"""
 
 from __future__ import annotations
 
@@ -40,16 +59,20 @@ class MetricsLog:
 
 
 class Throughput:
-    """Tokens per second over the steps since the last call (synchronising the GPU first)."""
+    """Tokens per second of one step: from :meth:`start` (before its first forward) to
+    :meth:`tokens_per_second` (after its update), synchronising the GPU at both ends."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.start = time.perf_counter()
+        self.started = time.perf_counter()
 
-    def tokens_per_second(self, tokens: int) -> float:
+    def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        rate = tokens / max(now - self.start, 1e-9)
-        self.start = now
-        return rate
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.started = self._now()
+
+    def tokens_per_second(self, tokens: int) -> float:
+        return tokens / max(self._now() - self.started, 1e-9)

@@ -11,7 +11,8 @@ Every flag is a field of one of the config dataclasses below (``TrainConfig``), 
 ``blockllm_scale.data.DataConfig``, of ``blockllm_scale.BlockLLMConfig`` or of a baseline's own settings
 (``baselines.GaloreConfig``, ``baselines.BadamConfig``); ``--help`` lists them.
 Memory and speed runs need no text: ``--dataset synthetic --vocab_size 32000`` (GaLore's vocabulary).
-Metrics go to ``<out_dir>/metrics.jsonl``, checkpoints to ``<out_dir>/checkpoints/``.
+Metrics go to ``<out_dir>/metrics.jsonl`` (fields: ``blockllm_scale/metrics.py``), checkpoints to
+``<out_dir>/checkpoints/``.
 """
 
 from __future__ import annotations
@@ -323,8 +324,10 @@ def train_loop(sections: dict) -> list[float]:
     losses = []
     model.train()  # HF checkpoints (checkpoint_this_step) only in train mode
     for step in range(start_step, stop):
+        throughput.start()
         reselections_before = blockllm.selection.reselections if blockllm else 0
         depth = backward_depth(model, blockllm)  # this step's, before step() may switch blocks
+        selection = this_steps_selection(blockllm)  # likewise
         checkpoint_this_step(model, optimizer, train)
         micro_losses = []
         for _ in range(train.grad_accum):
@@ -353,8 +356,7 @@ def train_loop(sections: dict) -> list[float]:
         record = {"step": done, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
                   "tokens_per_s": throughput.tokens_per_second(tokens_per_step), **peaks, "lowest_trained_layer": depth}
         if blockllm is not None:
-            record.update(selected_fraction=blockllm.selected_fraction, scoring=blockllm.selection.scoring,
-                          reselected=blockllm.selection.reselections != reselections_before)
+            record.update(**selection, reselected=blockllm.selection.reselections != reselections_before)
         if train.eval_every and (done % train.eval_every == 0 or done == stop):
             record["eval_loss"] = evaluate(backend, model, eval_set, train)
             record["eval_perplexity"] = perplexity(record["eval_loss"])
@@ -376,6 +378,14 @@ def train_loop(sections: dict) -> list[float]:
         torch.cuda.memory._record_memory_history(enabled=None)
         print(f"[pretrain] memory snapshot: {train.memory_snapshot}", flush=True)
     return losses
+
+
+def this_steps_selection(blockllm: BlockLLM | None) -> dict:
+    """The BlockLLM metrics fields that describe the coming step, read before its forward: step() may
+    switch blocks (or make the next step a scoring step) at its end."""
+    if blockllm is None:
+        return {}
+    return {"selected_fraction": blockllm.selected_fraction, "scoring_step": blockllm.scoring_step}
 
 
 def backward_depth(model: torch.nn.Module, blockllm: BlockLLM | None) -> int | None:
