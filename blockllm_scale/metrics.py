@@ -17,13 +17,16 @@ Every field of a record describes that record's step (the ``step``-th optimizer 
 | `reselected` | BlockLLM: this step's optimizer step chose a new selection (the outcome of a scoring step, or a random draw); the next step trains it |
 | `eval_loss`, `eval_perplexity` | held-out loss after this step's update (and its exp), on the steps that evaluate (`--eval_every`, and the last) |
 
-A resumed run appends to the same file, so one file holds the whole run.
+A resumed run continues the same file. Records past the step it resumes from (written by the interrupted run
+after its checkpoint) are moved to ``metrics.discarded.jsonl`` beside it, so ``metrics.jsonl`` stays one
+history: each step once, in order.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -49,6 +52,7 @@ class MetricsLog:
     def __init__(self, out_dir: str | Path, enabled: bool):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.discarded_path = self.path.with_name("metrics.discarded.jsonl")
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -56,6 +60,35 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Keep the records of steps 1..``step`` (the step a run resumes from) and move the later ones,
+        and any line a kill cut short, to metrics.discarded.jsonl. Returns the steps set aside (-1: a
+        line that is not a record)."""
+        if not self.enabled or not self.path.is_file():
+            return []
+        kept, later = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            line_step = _step_of(line)
+            (kept if line_step is not None and line_step <= step else later).append((line_step, line))
+        if later:
+            with self.discarded_path.open("a") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for _, line in later)
+            staging = self.path.with_suffix(".jsonl.tmp")
+            staging.write_text("".join(line for _, line in kept))
+            os.replace(staging, self.path)  # the history is never half rewritten
+        return [-1 if line_step is None else line_step for line_step, _ in later]
+
+
+def step_range(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Throughput:

@@ -40,7 +40,7 @@ from blockllm_scale.checkpoint import resolve_resume, restore_rng_states, rng_st
 from blockllm_scale.integrations.accelerate import launched_by_accelerate  # noqa: E402
 from blockllm_scale.data import (DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size,  # noqa: E402
                                  require_rows)
-from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity  # noqa: E402
+from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity, step_range  # noqa: E402
 from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
 from blockllm_scale.parallel import gather_over_ranks, mean_over_ranks  # noqa: E402
 from blockllm_scale.selection import lowest_trained_layer  # noqa: E402
@@ -315,6 +315,8 @@ def train_loop(sections: dict) -> list[float]:
         where = f"resuming {checkpoint} at step {start_step}" if checkpoint else "starting fresh"
         print(f"[pretrain] {train.optimizer} on LLaMA-{train.model} ({sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} params), "
               f"backend {type(backend).__name__}, world {backend.world_size}, {where}; metrics: {log.path}", flush=True)
+        if train.resume:
+            continue_history(log, start_step)
 
     batches = make_batches(train_set, train.batch_size, seed=train.seed, rank=backend.rank,
                            world_size=backend.world_size, start_step=start_step * train.grad_accum)
@@ -378,6 +380,17 @@ def train_loop(sections: dict) -> list[float]:
         torch.cuda.memory._record_memory_history(enabled=None)
         print(f"[pretrain] memory snapshot: {train.memory_snapshot}", flush=True)
     return losses
+
+
+def continue_history(log: MetricsLog, step: int) -> None:
+    """After resuming at ``step`` (0: --resume auto found no checkpoint), set aside the metrics records the
+    interrupted run wrote past it (rank 0)."""
+    records = log.set_aside_after(step)
+    if records:
+        steps = [s for s in records if s >= 0]
+        which = step_range(min(steps), max(steps)) if steps else "unreadable lines"
+        print(f"[pretrain] set aside {len(records)} record(s) past step {step} ({which}, written after the checkpoint "
+              f"resumed from) in {log.discarded_path}", flush=True)
 
 
 def this_steps_selection(blockllm: BlockLLM | None) -> dict:

@@ -31,12 +31,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     first = run_pretrain(*COMMON, "--out_dir", str(split), "--stop_at_step", "5")
     assert first.returncode == 0, first.stderr
     assert (split / "checkpoints" / "latest").read_text() == "step_5"
+    # A run killed after its checkpoint has written records past it, the last one cut short.
+    killed_run_lines = [json.dumps(r) + "\n" for r in metrics(whole)[5:7]] + ['{"step": 8, "lo']
+    with (split / "metrics.jsonl").open("a") as f:
+        f.writelines(killed_run_lines)
     second = run_pretrain(*COMMON, "--out_dir", str(split), "--resume", "auto")
     assert second.returncode == 0, second.stderr
-    assert "resuming" in second.stdout
+    assert "resuming" in second.stdout and "set aside 3 record(s) past step 5" in second.stdout
 
     uninterrupted, resumed = metrics(whole), metrics(split)
-    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["step"] for r in resumed] == list(range(1, 13))  # one clean history
+    assert (split / "metrics.discarded.jsonl").read_text() == "".join(killed_run_lines) + "\n"
     assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
     # The resumed stretch really crossed a block switch, or this test would prove little.
     assert any(r["reselected"] for r in uninterrupted[5:])
