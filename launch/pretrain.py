@@ -5,7 +5,7 @@
     python launch/pretrain.py --optimizer galore --model 130m   # the baselines take the same flags
     deepspeed launch/pretrain.py --ds_config configs/ds/zero1.json
     accelerate launch --config_file configs/accelerate/fsdp2.yaml launch/pretrain.py
-    python launch/pretrain.py --resume auto                     # continue the newest checkpoint of --out_dir
+    python launch/pretrain.py --resume auto                     # continue the newest intact checkpoint of --out_dir
 
 Every flag is a field of one of the config dataclasses below (``TrainConfig``), of
 ``blockllm_scale.data.DataConfig``, of ``blockllm_scale.BlockLLMConfig`` or of a baseline's own settings
@@ -36,7 +36,8 @@ from baselines import BASELINE_SECTIONS, BASELINES, BadamConfig, GaloreConfig  #
 from baselines.master_weights import Fp32MasterWeights  # noqa: E402
 from blockllm_scale import BlockLLM, BlockLLMConfig  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
-from blockllm_scale.checkpoint import resolve_resume, restore_rng_states, rng_states, save_checkpoint  # noqa: E402
+from blockllm_scale.checkpoint import (resolve_resume, restore_rng_states, rng_states, save_checkpoint,  # noqa: E402
+                                       set_aside_later_checkpoints)
 from blockllm_scale.integrations.accelerate import launched_by_accelerate  # noqa: E402
 from blockllm_scale.data import (DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size,  # noqa: E402
                                  require_rows)
@@ -82,7 +83,8 @@ class TrainConfig:
     time_budget: float = field(default=0.0, metadata={"help": "seconds for this invocation: past them, stop with a "
                                                        "checkpoint (--resume auto continues); 0: no limit"})
     out_dir: str = field(default="runs/default", metadata={"help": "metrics.jsonl and checkpoints/ go here"})
-    resume: str = field(default="", metadata={"help": "'auto' (newest in --out_dir) or a checkpoint directory"})
+    resume: str = field(default="", metadata={"help": "'auto': the newest intact checkpoint in --out_dir (none: start "
+                        "fresh); or one checkpoint folder (<out_dir>/checkpoints/step_N)"})
     seed: int = field(default=0, metadata={"help": "model init, data order and BlockLLM's random choices"})
     backend: str = field(default="auto", metadata={"help": "plain, deepspeed, fsdp2, accelerate; auto: from the launcher"})
     ds_config: str = field(default="", metadata={"help": "DeepSpeed JSON config (selects the deepspeed backend)"})
@@ -304,7 +306,7 @@ def train_loop(sections: dict) -> list[float]:
     model, optimizer, scheduler = backend.prepare(model, optimizer, scheduler)
 
     start_step, tokens_seen = 0, 0
-    checkpoint = resolve_resume(train.resume, train.out_dir)
+    checkpoint, skipped = resolve_resume(train.resume, train.out_dir)
     if checkpoint is not None:
         client_state = backend.load(checkpoint)
         start_step, tokens_seen = client_state["step"], client_state["tokens_seen"]
@@ -312,11 +314,13 @@ def train_loop(sections: dict) -> list[float]:
     stop = min(train.stop_at_step or train.steps, train.steps)
     log = MetricsLog(train.out_dir, enabled=backend.rank == 0)
     if backend.rank == 0:
+        if skipped:
+            print(f"[pretrain] warning: --resume auto {skipped}", file=sys.stderr, flush=True)
         where = f"resuming {checkpoint} at step {start_step}" if checkpoint else "starting fresh"
         print(f"[pretrain] {train.optimizer} on LLaMA-{train.model} ({sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} params), "
               f"backend {type(backend).__name__}, world {backend.world_size}, {where}; metrics: {log.path}", flush=True)
         if train.resume:
-            continue_history(log, start_step)
+            continue_history(log, train.out_dir, start_step)
 
     batches = make_batches(train_set, train.batch_size, seed=train.seed, rank=backend.rank,
                            world_size=backend.world_size, start_step=start_step * train.grad_accum)
@@ -382,15 +386,19 @@ def train_loop(sections: dict) -> list[float]:
     return losses
 
 
-def continue_history(log: MetricsLog, step: int) -> None:
-    """After resuming at ``step`` (0: --resume auto found no checkpoint), set aside the metrics records the
-    interrupted run wrote past it (rank 0)."""
+def continue_history(log: MetricsLog, out_dir: str, step: int) -> None:
+    """After resuming at ``step`` (0: --resume auto found no checkpoint), set aside what the interrupted
+    run wrote past it: its later metrics records and checkpoints (rank 0)."""
     records = log.set_aside_after(step)
     if records:
         steps = [s for s in records if s >= 0]
         which = step_range(min(steps), max(steps)) if steps else "unreadable lines"
         print(f"[pretrain] set aside {len(records)} record(s) past step {step} ({which}, written after the checkpoint "
               f"resumed from) in {log.discarded_path}", flush=True)
+    later = set_aside_later_checkpoints(out_dir, step)
+    if later:
+        print(f"[pretrain] set aside checkpoint(s) past step {step} into {Path(out_dir) / 'checkpoints' / 'discarded'}: "
+              f"{', '.join(later)}", flush=True)
 
 
 def this_steps_selection(blockllm: BlockLLM | None) -> dict:
