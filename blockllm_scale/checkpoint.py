@@ -9,7 +9,8 @@ disk) leaves no ``step_<N>`` or one that fails the check, and so does a file dam
 ``--resume auto`` takes the newest intact checkpoint, saying which newer ones it skipped and why.
 
 ``latest`` names the newest checkpoint written, for people and scripts (``--resume auto`` goes by the
-manifests). Checkpoints are never deleted or overwritten: one that would be is moved into ``discarded/``.
+manifests). Checkpoints are never deleted except by :func:`prune_checkpoints` (``--keep_checkpoints``,
+this run's own older ones) and never overwritten: one that would be is moved into ``discarded/``.
 """
 
 from __future__ import annotations
@@ -177,6 +178,16 @@ def _point_latest_at_newest(root: Path) -> None:
         os.replace(root / "latest.tmp", root / "latest")
     else:
         (root / "latest").unlink(missing_ok=True)
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> list[str]:
+    """Delete this run's oldest ``step_<N>`` folders beyond the newest ``keep`` (``--keep_checkpoints``).
+    Only ``step_<N>`` folders directly in ``<out_dir>/checkpoints`` are candidates: never a ``.partial``,
+    ``discarded/`` or anything outside this run's folder; the newest is always kept. Returns their names."""
+    doomed = step_dirs(checkpoint_root(out_dir))[:-max(keep, 1)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return [p.name for p in doomed]
 
 
 # ----- saving -----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Per-run metrics: one JSON object per step in ``<out_dir>/metrics.jsonl``, written by rank 0.
+"""Per-run metrics: one JSON object per step in ``<out_dir>/metrics.jsonl``, written by rank 0, and the
+summary the launcher prints at the end of a run.
 
 Every field of a record describes that record's step (the ``step``-th optimizer step, counted from 1):
 
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -109,3 +111,46 @@ class Throughput:
 
     def tokens_per_second(self, tokens: int) -> float:
         return tokens / max(self._now() - self.started, 1e-9)
+
+
+class RunSummary:
+    """What the launcher prints at the end of a run, from the records this invocation wrote."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def lines(self) -> list[str]:
+        """Steps, tokens, losses, speed, memory and BlockLLM's selections of this invocation."""
+        if not self.records:
+            return []
+        first, last = self.records[0], self.records[-1]
+        # Every step has the same tokens, so tokens over time is the harmonic mean of the steps' rates.
+        rate = len(self.records) / sum(1 / max(r["tokens_per_s"], 1e-9) for r in self.records)
+        lines = [f"{step_range(first['step'], last['step'])} ({len(self.records)} in this invocation), "
+                 f"{last['tokens']:,} tokens in all, {rate:,.0f} tokens/s",
+                 f"train loss {last['loss']:.4f} (step {last['step']})" + self._eval_part(),
+                 self._memory_line()]
+        if "selected_fraction" in last:
+            fraction = statistics.fmean(r["selected_fraction"] for r in self.records)
+            # Step 1's selection is the first choice, not a reselection.
+            reselections = sum(bool(r.get("reselected")) for r in self.records if r["step"] > 1)
+            lines.append(f"BlockLLM: {reselections} reselection(s), {fraction:.3f} of the parameters trained per "
+                         "step on average")
+        return lines
+
+    def _eval_part(self) -> str:
+        evaluated = [r for r in self.records if "eval_loss" in r]
+        if not evaluated:
+            return "; no evaluation (--eval_every 0)"
+        r = evaluated[-1]
+        return f"; eval loss {r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.2f} (step {r['step']})"
+
+    def _memory_line(self) -> str:
+        peak = lambda field: max(r.get(field, 0.0) for r in self.records)  # noqa: E731
+        if "peak_allocated_gib" in self.records[-1]:
+            return (f"peak memory {peak('peak_allocated_gib'):.2f} GiB allocated, "
+                    f"{peak('peak_reserved_gib'):.2f} GiB reserved (the fullest GPU)")
+        return f"peak memory {peak('peak_rss_gib'):.2f} GiB resident (the largest process)"

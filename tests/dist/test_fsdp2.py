@@ -73,11 +73,11 @@ def test_dcp_resume_equals_uninterrupted_run(runs):
     assert any(r["reselected"] for r in resumed[5:])  # the resumed stretch crossed a switch
 
 
-def test_checkpoint_manifests_cover_the_sharded_files(runs):
+def test_checkpoint_manifests_cover_the_sharded_files_and_three_are_kept(runs):
     out, _ = runs
-    saved = step_dirs(out / "saved_every_step" / "checkpoints")  # --save_every 1 over 10 steps
-    assert len(saved) == 10
-    for checkpoint in saved:
+    kept = step_dirs(out / "saved_every_step" / "checkpoints")  # --save_every 1 over 10 steps
+    assert [p.name for p in kept] == ["step_8", "step_9", "step_10"]  # --keep_checkpoints' default
+    for checkpoint in kept:
         assert any(p.suffix == ".distcp" for p in (checkpoint / "dcp").iterdir())
         assert unlisted_files(checkpoint) == set() and manifest_problem(checkpoint) is None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from launcher_runs import TINY, metrics, run_main
 
-from blockllm_scale.checkpoint import (manifest_problem, resolve_resume, save_checkpoint,
+from blockllm_scale.checkpoint import (manifest_problem, prune_checkpoints, resolve_resume, save_checkpoint,
                                        set_aside_later_checkpoints, step_dirs)
 from blockllm_scale.config import ConfigError
 
@@ -77,6 +77,21 @@ def test_explicit_paths_that_are_no_complete_checkpoint_are_one_line_each(tmp_pa
             resolve_resume(str(path), tmp_path)
         assert "\n" not in str(error.value) and str(path) in str(error.value)
     assert resolve_resume(str(good), tmp_path) == (good, None)
+
+
+def test_keep_checkpoints_deletes_only_this_runs_oldest_step_folders(tmp_path):
+    run, neighbour = tmp_path / "run", tmp_path / "neighbour"
+    for step in (1, 2, 3, 4):
+        save(run, step)
+        save(neighbour, step)
+    (run / "checkpoints" / "step_0.partial").mkdir()
+    (run / "checkpoints" / "notes").mkdir()
+    assert prune_checkpoints(run, keep=2) == ["step_1", "step_2"]
+    assert [p.name for p in step_dirs(run / "checkpoints")] == ["step_3", "step_4"]
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"step_3", "step_4", "step_0.partial", "notes", "latest"}
+    assert [p.name for p in step_dirs(neighbour / "checkpoints")] == ["step_1", "step_2", "step_3", "step_4"]
+    assert prune_checkpoints(run, keep=1) == ["step_3"]
+    assert prune_checkpoints(run, keep=0) == []  # the newest is never deleted
 
 
 def test_checkpoints_past_the_resume_step_are_set_aside_not_deleted(tmp_path):

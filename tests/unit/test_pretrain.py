@@ -2,6 +2,7 @@
 one exactly, and configuration mistakes are one line with no traceback."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,23 @@ def test_configuration_mistakes_are_one_line(flags, names, tmp_path, capsys):
     assert "Traceback" not in stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and names in error_lines[0], stderr
+
+
+@pytest.fixture(scope="module")
+def help_run():
+    return run_pretrain("--help")
+
+
+def test_help_shows_every_flags_default(help_run):
+    assert help_run.returncode == 0
+    # One block per flag: from its "  --name" line to the next.
+    blocks = re.split(r"\n  (?=--)", "\n" + help_run.stdout.split("\ntrain:\n", 1)[1])[1:]
+    flags = [f.name for section, (cls, skipped) in pretrain.CONFIG_SECTIONS.items()
+             for f in pretrain.dataclasses.fields(cls) if f.name not in skipped]
+    assert [b.split()[0].split(",")[0] for b in blocks] == [f"--{name}" for name in flags]
+    assert all(" ".join(b.split()).count("(default: ") == 1 for b in blocks), blocks
+    text = " ".join(help_run.stdout.split())
+    assert "--keep_checkpoints KEEP_CHECKPOINTS" in text and "(default: runs/default)" in text
 
 
 def test_backward_depth_is_the_lowest_layer_that_takes_a_gradient():
