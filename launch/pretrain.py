@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import logging
 import math
 import os
 import shlex
@@ -29,8 +30,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import PreTrainedModel
+
+def quiet_known_import_logs() -> None:
+    """Drop the four log lines that importing torchao (through transformers) prints on every start, which
+    read like errors and are not: torchao's optional CUDA kernels that this machine cannot load, and
+    torch's notice that torchao registers two Enums the old way. Only these messages, only in the launcher:
+    the library leaves logging alone."""
+    def known(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ((message.startswith("Failed to load") and "torchao" in message and "_C" in message)
+                    or ("is an Enum subclass" in message and "register_constant()" in message))
+
+    logging.getLogger("torchao").addFilter(known)
+    logging.getLogger("torch.utils._pytree").addFilter(known)
+
+
+quiet_known_import_logs()  # before the imports below log them
+
+import torch  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `baselines/` beside `launch/`
 

@@ -89,6 +89,11 @@ def test_help_shows_every_flags_default(help_run):
     assert "--keep_checkpoints KEEP_CHECKPOINTS" in text and "(default: runs/default)" in text
 
 
+def test_the_launcher_starts_without_the_import_warnings(help_run):
+    """torchao's failed optional kernels and torch's Enum notice, logged at import: filtered by the launcher."""
+    assert "Failed to load" not in help_run.stderr and "register_constant" not in help_run.stderr, help_run.stderr
+
+
 def test_backward_depth_is_the_lowest_layer_that_takes_a_gradient():
     """What each metrics record's lowest_trained_layer says for optimizers other than BlockLLM: the lowest
     layer whose parameters require a gradient now (BAdam's active layer), -1 when an input embedding does."""
