@@ -12,8 +12,9 @@ Every flag is a field of one of the config dataclasses below (``TrainConfig``), 
 (``baselines.GaloreConfig``, ``baselines.BadamConfig``); ``--help`` lists them with their defaults.
 Memory and speed runs need no text: ``--dataset synthetic --vocab_size 32000`` (GaLore's vocabulary).
 Metrics go to ``<out_dir>/metrics.jsonl`` (fields: ``blockllm_scale/metrics.py``), checkpoints to
-``<out_dir>/checkpoints/`` (one at the end of every run, the newest --keep_checkpoints kept). A summary
-ends every run, with the command that resumes it.
+``<out_dir>/checkpoints/`` (one at the end of every run, the newest --keep_checkpoints kept). One folder holds
+one run: a fresh run into a folder that holds one is refused (``--resume auto`` continues it, ``--overwrite``
+moves it aside). A summary ends every run, with the command that resumes it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from blockllm_scale.data import (DataConfig, build_datasets, load_tokenizer, mak
                                  require_rows)
 from blockllm_scale.metrics import (MetricsLog, RunSummary, Throughput, peak_memory_gib, perplexity,  # noqa: E402
                                     step_range)
+from blockllm_scale.run_dir import claim_out_dir  # noqa: E402
 from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
 from blockllm_scale.parallel import gather_over_ranks, mean_over_ranks  # noqa: E402
 from blockllm_scale.selection import lowest_trained_layer  # noqa: E402
@@ -107,9 +109,12 @@ class TrainConfig:
                                   "cannot be resumed"})
     time_budget: float = field(default=0.0, metadata={"help": "seconds for this invocation: past them, stop with a "
                                                        "checkpoint (--resume auto continues); 0: no limit"})
-    out_dir: str = field(default="runs/default", metadata={"help": "metrics.jsonl and checkpoints/ go here"})
+    out_dir: str = field(default="runs/default", metadata={"help": "metrics.jsonl and checkpoints/ go here; one "
+                         "run per folder: a fresh run into a folder that holds one is refused"})
     resume: str = field(default="", metadata={"help": "'auto': the newest intact checkpoint in --out_dir (none: start "
                         "fresh); or one checkpoint folder (<out_dir>/checkpoints/step_N)"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an --out_dir that holds a run: its "
+                            "metrics and checkpoints are moved (not deleted) into <out_dir>/replaced-<time>/"})
     seed: int = field(default=0, metadata={"help": "model init, data order and BlockLLM's random choices"})
     backend: str = field(default="auto", metadata={"help": "plain, deepspeed, fsdp2, accelerate; auto: from the launcher"})
     ds_config: str = field(default="", metadata={"help": "DeepSpeed JSON config (selects the deepspeed backend)"})
@@ -314,6 +319,7 @@ def train_loop(sections: dict) -> list[float]:
     started = time.monotonic()  # --time_budget counts from here
     train, data, blockllm_cfg = sections["train"], sections["data"], sections["blockllm"]
     resume_argv = resume_command(sections)  # before a backend adopts settings from its launcher into `train`
+    claim_run_folder(train)  # before anything (the backend included) writes into --out_dir
     backend = make_backend(train)
     if hasattr(backend, "resolve_settings"):  # --ds_config: the JSON's batch sizes, bf16 and "blockllm" section
         train, blockllm_cfg = backend.resolve_settings(train, blockllm_cfg)
@@ -430,6 +436,14 @@ def train_loop(sections: dict) -> list[float]:
         torch.cuda.memory._record_memory_history(enabled=None)
         print(f"[pretrain] memory snapshot: {train.memory_snapshot}", flush=True)
     return losses
+
+
+def claim_run_folder(train: TrainConfig) -> None:
+    """One run per --out_dir (blockllm_scale/run_dir.py): a fresh run into a folder that holds one is
+    refused in one line; with --overwrite the old run is moved aside first."""
+    moved = claim_out_dir(train.out_dir, train.resume, train.overwrite, rank=int(os.environ.get("RANK", "0")))
+    if moved is not None:
+        print(f"[pretrain] --overwrite: the run that was in {train.out_dir} is now in {moved}", flush=True)
 
 
 def continue_history(log: MetricsLog, out_dir: str, step: int) -> None:
