@@ -149,7 +149,7 @@ def launcher_command(spec: RunSpec, out_dir: str, known: dict[str, str], device:
     values = {"optimizer": spec.optimizer, "model": spec.model, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
               "dtype": spec.dtype, "steps": spec.steps, "activation_checkpointing": str(spec.checkpointing).lower(),
               "dataset": "synthetic", "vocab_size": MODEL_SIZES[spec.model]["vocab_size"], "eval_every": 0,
-              "out_dir": out_dir}
+              "out_dir": out_dir, "keep_checkpoints": 0}  # a measurement: no checkpoint to write (and wait for)
     notes = [f"--{name} dropped: the launcher has no such flag" for name, _ in spec.optional if name not in known]
     if spec.backend.startswith("zero"):
         notes.append(f"configs/ds/{spec.backend}.json with this batch size and precision, without its blockllm section")

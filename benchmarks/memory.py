@@ -76,12 +76,12 @@ def summarize(records: list[dict], warmup: int) -> dict:
     if "selected_fraction" in records[0]:
         out["selected_fraction"] = statistics.mean(r["selected_fraction"] for r in records)
         out["reselections"] = sum(bool(r.get("reselected")) for r in records)
-        out["scoring_steps"] = sum(bool(r.get("scoring")) for r in records)
-        # A record's "scoring" says the NEXT step scores: split the timed steps' seconds by that.
+        out["scoring_steps"] = sum(bool(r.get("scoring_step")) for r in records)
+        # Split the timed steps' seconds by whether each was a scoring step.
         seconds = {True: [], False: []}
-        for before, record in zip(records, records[1:]):
+        for record in records:
             if record["step"] > warmup:
-                seconds[bool(before.get("scoring"))].append(out["tokens_per_step"] / max(record["tokens_per_s"], 1e-9))
+                seconds[bool(record.get("scoring_step"))].append(out["tokens_per_step"] / max(record["tokens_per_s"], 1e-9))
         if seconds[True]:
             out["scoring_time_share"] = sum(seconds[True]) / (sum(seconds[True]) + sum(seconds[False]))
             out["scoring_step_s_median"] = statistics.median(seconds[True])
@@ -151,7 +151,7 @@ def run_config(spec: RunSpec, known: dict, device: str, timeout_s: float) -> dic
     result = {"status": status, "reason": reason, "notes": notes, "wall_s": round(time.monotonic() - started, 1),
               "command": shlex.join(argv).replace(out_dir, "<out_dir>"), **summary}
     kept = ("step", "loss", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib",
-            "selected_fraction", "scoring", "reselected", "lowest_trained_layer")
+            "selected_fraction", "scoring_step", "reselected", "lowest_trained_layer")
     result["steps"] = [{k: r[k] for k in kept if k in r} for r in records]
     return result
 

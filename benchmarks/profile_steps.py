@@ -2,10 +2,12 @@
 the GPU was, how often the host waited for it, and the top operators.
 
     python benchmarks/profile_steps.py --wait 6 --active 4 -- --model 7b --batch_size 4 --dtype bf16 \
-        --activation_checkpointing --dataset synthetic --vocab_size 32000 --eval_every 0 --steps 12
+        --activation_checkpointing --dataset synthetic --vocab_size 32000 --eval_every 0 --steps 12 \
+        --keep_checkpoints 0 --out_dir runs/profile-7b
 
-Everything after ``--`` goes to launch/pretrain.py unchanged. The profiler skips ``--wait`` steps (model
-set-up, first selection, allocator warm-up), warms up one, then records ``--active`` steps.
+Everything after ``--`` goes to launch/pretrain.py unchanged (``--keep_checkpoints 0``: no end-of-run
+checkpoint to write). The profiler skips ``--wait`` steps (model set-up, first selection, allocator
+warm-up), warms up one, then records ``--active`` steps.
 GPU busy = the union of kernel intervals / wall time of the recorded steps: well below 100% means the host
 (Python, launches, synchronisations) sets the pace, not the GPU.
 """

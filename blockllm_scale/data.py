@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -199,6 +200,8 @@ def _read_local_documents(cfg: DataConfig) -> list[str]:
     import datasets  # deferred: only local-file and streaming paths need it
 
     path = str(Path(cfg.dataset).expanduser())
+    if not _has_content(Path(path)):  # datasets' readers fail on an empty file with no message of their own
+        raise ConfigError(f"{cfg.dataset} is empty")
     if Path(path).suffix in JSON_SUFFIXES:
         table = datasets.load_dataset("json", data_files=path, split="train")
         if cfg.text_field not in table.column_names:
@@ -207,6 +210,20 @@ def _read_local_documents(cfg: DataConfig) -> list[str]:
         return list(table[cfg.text_field])
     # A plain text file is one document: splitting on lines would scatter eos tokens through prose.
     return list(datasets.load_dataset("text", data_files=path, split="train", sample_by="document")["text"])
+
+
+def _has_content(path: Path) -> bool:
+    """Whether the file holds anything but whitespace (read until the first such byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _tokens_needed(cfg: DataConfig) -> int:
+    """The fewest tokens that give one train row and one held-out row of seq_len."""
+    return math.ceil(cfg.seq_len / min(cfg.eval_fraction, 1 - cfg.eval_fraction))
 
 
 def _streamed_splits(cfg: DataConfig, tokenizer) -> tuple[PackedStream, PackedStream]:
@@ -219,6 +236,9 @@ def _streamed_splits(cfg: DataConfig, tokenizer) -> tuple[PackedStream, PackedSt
 
 def _pretokenized_splits(cfg: DataConfig, vocab_size: int) -> tuple[TokenArrayDataset, TokenArrayDataset]:
     """Train rows from the token array cfg.dataset; eval rows from cfg.eval_dataset, else from its tail."""
+    for path in filter(None, (cfg.dataset, cfg.eval_dataset)):
+        if Path(path).expanduser().stat().st_size == 0:  # numpy cannot even map an empty file
+            raise ConfigError(f"{path} is empty")
     train = TokenArrayDataset(Path(cfg.dataset).expanduser(), cfg.seq_len)
     if cfg.eval_dataset:
         held_out = TokenArrayDataset(Path(cfg.eval_dataset).expanduser(), cfg.seq_len)
@@ -228,7 +248,7 @@ def _pretokenized_splits(cfg: DataConfig, vocab_size: int) -> tuple[TokenArrayDa
         train = TokenArrayDataset(train.tokens[: len(train.tokens) - n_eval], cfg.seq_len)
     for name, split in (("dataset", train), ("eval split", held_out)):
         if len(split) == 0:
-            raise ValueError(f"{cfg.dataset}: the {name} has fewer than seq_len={cfg.seq_len} tokens")
+            raise ConfigError(f"{cfg.dataset}: the {name} has fewer than seq_len={cfg.seq_len} tokens")
         # An array made with another tokenizer would index past the embedding (a CUDA assert, far from here).
         top = int(split.tokens.max())
         if top >= vocab_size:
@@ -253,13 +273,15 @@ def build_datasets(cfg: DataConfig, cache_dir: str | os.PathLike | None = None):
         documents = SHIPPED_CORPUS.read_text(encoding="utf-8").rstrip("\n").split(DOCUMENT_SEPARATOR)
     else:
         documents = _read_local_documents(cfg)
+    if not any(document.strip() for document in documents):
+        raise ConfigError(f"{cfg.dataset} holds no text")
     tokens = cached_token_array(documents, tokenizer, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
     # Eval is the tail of the token stream, so no eval token can appear in a train row.
     n_eval = int(round(len(tokens) * cfg.eval_fraction))
     n_train = len(tokens) - n_eval
     if n_eval < cfg.seq_len or n_train < cfg.seq_len:
-        raise ValueError(f"{cfg.dataset}: {len(tokens)} tokens are too few for seq_len={cfg.seq_len} "
-                         f"with eval_fraction={cfg.eval_fraction}")
+        raise ConfigError(f"{cfg.dataset}: {len(tokens)} tokens are too few for seq_len={cfg.seq_len} with "
+                          f"eval_fraction={cfg.eval_fraction} (it needs about {_tokens_needed(cfg):,})")
     return TokenArrayDataset(tokens[:n_train], cfg.seq_len), TokenArrayDataset(tokens[n_train:], cfg.seq_len)
 
 
@@ -279,9 +301,15 @@ def make_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
     if isinstance(dataset, IterableDataset):
         return _streamed_batches(dataset, batch_size, rank, world_size, start_step)
-    if len(dataset) < batch_size * world_size:
-        raise ValueError(f"dataset has {len(dataset)} rows, fewer than one global batch of {batch_size * world_size}")
+    require_rows(dataset, batch_size * world_size, "the dataset")
     return _shuffled_batches(dataset, batch_size, seed, rank, world_size, start_step)
+
+
+def require_rows(dataset, rows: int, what: str) -> None:
+    """A one-line ConfigError when a finite dataset holds fewer than ``rows`` rows (one global batch)."""
+    if not isinstance(dataset, IterableDataset) and len(dataset) < rows:
+        raise ConfigError(f"{what} has {len(dataset)} rows of seq_len tokens, fewer than one global batch of {rows}: "
+                          "use a smaller --batch_size or --seq_len, or more data")
 
 
 def _shuffled_batches(dataset, batch_size, seed, rank, world_size, start_step) -> Iterator[torch.Tensor]:
@@ -317,4 +345,4 @@ def _cycle(stream: Iterable[dict]) -> Iterator[dict]:
         for produced, row in enumerate(stream, start=1):
             yield row
         if not produced:
-            raise ValueError("the stream produced no rows: documents shorter than one seq_len in total?")
+            raise ConfigError("the stream produced no rows: documents shorter than one seq_len in total?")

@@ -1,6 +1,6 @@
 """The collectives BlockLLM needs so that every data-parallel rank makes the same selection, and the ones
 the launcher needs (one gather a step for the loss, the time budget and the largest rank's peak memory;
-a barrier around checkpoint writes).
+a barrier around checkpoint writes; rank 0's choice of the checkpoint to resume from).
 
 All are no-ops in a single process. They use the default process group, on the device its backend
 wants (CUDA for NCCL, CPU for gloo).
@@ -8,8 +8,12 @@ wants (CUDA for NCCL, CPU for gloo).
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def data_parallel_world() -> int:
@@ -55,3 +59,14 @@ def gather_over_ranks(values: list[float]) -> list[list[float]]:
 def barrier() -> None:
     if data_parallel_world() > 1:
         dist.barrier()
+
+
+def broadcast_from_rank0(make: Callable[[], T]) -> T:
+    """Rank 0's ``make()`` on every rank: work done once (reading and hashing checkpoint files) whose
+    answer every rank must share, or they would load different checkpoints. ``make`` must return a
+    picklable value and must not raise (the other ranks would wait in the broadcast for ever)."""
+    if data_parallel_world() == 1:
+        return make()
+    box = [make() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]

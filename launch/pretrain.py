@@ -5,13 +5,16 @@
     python launch/pretrain.py --optimizer galore --model 130m   # the baselines take the same flags
     deepspeed launch/pretrain.py --ds_config configs/ds/zero1.json
     accelerate launch --config_file configs/accelerate/fsdp2.yaml launch/pretrain.py
-    python launch/pretrain.py --resume auto                     # continue the newest checkpoint of --out_dir
+    python launch/pretrain.py --resume auto                     # continue the newest intact checkpoint of --out_dir
 
 Every flag is a field of one of the config dataclasses below (``TrainConfig``), of
 ``blockllm_scale.data.DataConfig``, of ``blockllm_scale.BlockLLMConfig`` or of a baseline's own settings
-(``baselines.GaloreConfig``, ``baselines.BadamConfig``); ``--help`` lists them.
+(``baselines.GaloreConfig``, ``baselines.BadamConfig``); ``--help`` lists them with their defaults.
 Memory and speed runs need no text: ``--dataset synthetic --vocab_size 32000`` (GaLore's vocabulary).
-Metrics go to ``<out_dir>/metrics.jsonl``, checkpoints to ``<out_dir>/checkpoints/``.
+Metrics go to ``<out_dir>/metrics.jsonl`` (fields: ``blockllm_scale/metrics.py``), checkpoints to
+``<out_dir>/checkpoints/`` (one at the end of every run, the newest --keep_checkpoints kept). One folder holds
+one run: a fresh run into a folder that holds one is refused (``--resume auto`` continues it, ``--overwrite``
+moves it aside). A summary ends every run, with the command that resumes it.
 """
 
 from __future__ import annotations
@@ -19,15 +22,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import logging
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import PreTrainedModel
+
+def quiet_known_import_logs() -> None:
+    """Drop the four log lines that importing torchao (through transformers) prints on every start, which
+    read like errors and are not: torchao's optional CUDA kernels that this machine cannot load, and
+    torch's notice that torchao registers two Enums the old way. Only these messages, only in the launcher:
+    the library leaves logging alone."""
+    def known(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ((message.startswith("Failed to load") and "torchao" in message and "_C" in message)
+                    or ("is an Enum subclass" in message and "register_constant()" in message))
+
+    logging.getLogger("torchao").addFilter(known)
+    logging.getLogger("torch.utils._pytree").addFilter(known)
+
+
+quiet_known_import_logs()  # before the imports below log them
+
+import torch  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `baselines/` beside `launch/`
 
@@ -35,10 +57,14 @@ from baselines import BASELINE_SECTIONS, BASELINES, BadamConfig, GaloreConfig  #
 from baselines.master_weights import Fp32MasterWeights  # noqa: E402
 from blockllm_scale import BlockLLM, BlockLLMConfig  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
-from blockllm_scale.checkpoint import resolve_resume, restore_rng_states, rng_states, save_checkpoint  # noqa: E402
+from blockllm_scale.checkpoint import (prune_checkpoints, resolve_resume, restore_rng_states, rng_states,  # noqa: E402
+                                       save_checkpoint, set_aside_later_checkpoints)
 from blockllm_scale.integrations.accelerate import launched_by_accelerate  # noqa: E402
-from blockllm_scale.data import DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size  # noqa: E402
-from blockllm_scale.metrics import MetricsLog, Throughput, peak_memory_gib, perplexity  # noqa: E402
+from blockllm_scale.data import (DataConfig, build_datasets, load_tokenizer, make_batches, model_vocab_size,  # noqa: E402
+                                 require_rows)
+from blockllm_scale.metrics import (MetricsLog, RunSummary, Throughput, peak_memory_gib, perplexity,  # noqa: E402
+                                    step_range)
+from blockllm_scale.run_dir import claim_out_dir  # noqa: E402
 from blockllm_scale.models import MODEL_SIZES, build_model  # noqa: E402
 from blockllm_scale.parallel import gather_over_ranks, mean_over_ranks  # noqa: E402
 from blockllm_scale.selection import lowest_trained_layer  # noqa: E402
@@ -76,15 +102,23 @@ class TrainConfig:
                                            "or other optimizers"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at the end); 0: never"})
     eval_batches: int = field(default=8, metadata={"help": "held-out micro-batches per evaluation"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (and at the end); 0: only at --stop_at_step"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps as well; 0: only at the end (of "
+                            "--steps, --stop_at_step or --time_budget)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "keep this run's newest N checkpoints, deleting its "
+                                  "older ones (never the newest, never another folder's); 0: write none, so the run "
+                                  "cannot be resumed"})
     time_budget: float = field(default=0.0, metadata={"help": "seconds for this invocation: past them, stop with a "
                                                        "checkpoint (--resume auto continues); 0: no limit"})
-    out_dir: str = field(default="runs/default", metadata={"help": "metrics.jsonl and checkpoints/ go here"})
-    resume: str = field(default="", metadata={"help": "'auto' (newest in --out_dir) or a checkpoint directory"})
+    out_dir: str = field(default="runs/default", metadata={"help": "metrics.jsonl and checkpoints/ go here; one "
+                         "run per folder: a fresh run into a folder that holds one is refused"})
+    resume: str = field(default="", metadata={"help": "'auto': the newest intact checkpoint in --out_dir (none: start "
+                        "fresh); or one checkpoint folder (<out_dir>/checkpoints/step_N)"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an --out_dir that holds a run: its "
+                            "metrics and checkpoints are moved (not deleted) into <out_dir>/replaced-<time>/"})
     seed: int = field(default=0, metadata={"help": "model init, data order and BlockLLM's random choices"})
     backend: str = field(default="auto", metadata={"help": "plain, deepspeed, fsdp2, accelerate; auto: from the launcher"})
     ds_config: str = field(default="", metadata={"help": "DeepSpeed JSON config (selects the deepspeed backend)"})
-    device: str = field(default="", metadata={"help": "plain backend: cpu or cuda (default: cuda if present)"})
+    device: str = field(default="", metadata={"help": "plain backend: cpu or cuda; none: cuda if there is one"})
     memory_snapshot: str = field(default="", metadata={"help": "CUDA: record every allocation of rank 0 and write "
                                  "a torch.cuda.memory snapshot (pickle) here at the end; open it at "
                                  "pytorch.org/memory_viz or list what is live at the peak with "
@@ -95,7 +129,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stop_at_step", "warmup_steps", "eval_every", "save_every", "time_budget"):
+        for name in ("stop_at_step", "warmup_steps", "eval_every", "save_every", "time_budget", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.model not in MODEL_SIZES:
@@ -110,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ValueError(f"--ds_config: no such file {self.ds_config}")
+        if self.save_every and not self.keep_checkpoints:
+            raise ValueError(f"--save_every {self.save_every} with --keep_checkpoints 0: nothing would be kept")
 
 
 # BlockLLM's seed is the run's --seed: one seed decides everything.
@@ -117,9 +153,19 @@ CONFIG_SECTIONS = {"train": (TrainConfig, ()), "data": (DataConfig, ()), "blockl
                    "galore": (GaloreConfig, ()), "badam": (BadamConfig, ())}
 
 
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every flag's default after its help ("" shown as none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text  # BooleanOptionalAction adds its own "(default: ...)"
+        return text + (" (default: none)" if action.default in ("", None) else " (default: %(default)s)")
+
+
 def parse_args(argv: list[str] | None = None) -> dict:
     """One flag per dataclass field; returns {section: dataclass instance}."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for section, (cls, skipped) in CONFIG_SECTIONS.items():
         group = parser.add_argument_group(section)
@@ -272,6 +318,8 @@ def train_loop(sections: dict) -> list[float]:
     """Run training; returns the per-step losses of this run (the tests compare them)."""
     started = time.monotonic()  # --time_budget counts from here
     train, data, blockllm_cfg = sections["train"], sections["data"], sections["blockllm"]
+    resume_argv = resume_command(sections)  # before a backend adopts settings from its launcher into `train`
+    claim_run_folder(train)  # before anything (the backend included) writes into --out_dir
     backend = make_backend(train)
     if hasattr(backend, "resolve_settings"):  # --ds_config: the JSON's batch sizes, bf16 and "blockllm" section
         train, blockllm_cfg = backend.resolve_settings(train, blockllm_cfg)
@@ -283,6 +331,8 @@ def train_loop(sections: dict) -> list[float]:
     torch.manual_seed(train.seed)
     tokenizer = load_tokenizer(data.tokenizer)
     train_set, eval_set = build_datasets(data)
+    if train.eval_every:  # found now, not at the first evaluation
+        require_rows(eval_set, train.batch_size * backend.world_size, f"the held-out part of --dataset {data.dataset}")
     with torch.device(backend.device):  # initialise in place: a 7B never passes through host memory
         model = build_model(train.model, vocab_size=model_vocab_size(data, tokenizer), dtype=DTYPES[train.dtype])
     if train.activation_checkpointing:  # before the backend wraps the model (DeepSpeed, FSDP2)
@@ -300,7 +350,7 @@ def train_loop(sections: dict) -> list[float]:
     model, optimizer, scheduler = backend.prepare(model, optimizer, scheduler)
 
     start_step, tokens_seen = 0, 0
-    checkpoint = resolve_resume(train.resume, train.out_dir)
+    checkpoint, skipped = resolve_resume(train.resume, train.out_dir)
     if checkpoint is not None:
         client_state = backend.load(checkpoint)
         start_step, tokens_seen = client_state["step"], client_state["tokens_seen"]
@@ -308,20 +358,32 @@ def train_loop(sections: dict) -> list[float]:
     stop = min(train.stop_at_step or train.steps, train.steps)
     log = MetricsLog(train.out_dir, enabled=backend.rank == 0)
     if backend.rank == 0:
+        if skipped:
+            print(f"[pretrain] warning: --resume auto {skipped}", file=sys.stderr, flush=True)
         where = f"resuming {checkpoint} at step {start_step}" if checkpoint else "starting fresh"
         print(f"[pretrain] {train.optimizer} on LLaMA-{train.model} ({sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} params), "
               f"backend {type(backend).__name__}, world {backend.world_size}, {where}; metrics: {log.path}", flush=True)
+        if train.resume:
+            continue_history(log, train.out_dir, start_step)
+    if start_step >= stop:
+        if backend.rank == 0:
+            print(f"[pretrain] nothing to train: {checkpoint} is at step {start_step}, "
+                  + (f"the end of --steps {train.steps}: the run is complete" if start_step >= train.steps
+                     else f"and --stop_at_step is {train.stop_at_step}"), flush=True)
+        return []
 
     batches = make_batches(train_set, train.batch_size, seed=train.seed, rank=backend.rank,
                            world_size=backend.world_size, start_step=start_step * train.grad_accum)
     tokens_per_step = train.batch_size * data.seq_len * train.grad_accum * backend.world_size
     throughput = Throughput(backend.device)
     progress = _progress_bar(start_step, stop, enabled=backend.rank == 0)
-    losses = []
+    losses, summary, saved = [], RunSummary(), None
     model.train()  # HF checkpoints (checkpoint_this_step) only in train mode
     for step in range(start_step, stop):
+        throughput.start()
         reselections_before = blockllm.selection.reselections if blockllm else 0
         depth = backward_depth(model, blockllm)  # this step's, before step() may switch blocks
+        selection = this_steps_selection(blockllm)  # likewise
         checkpoint_this_step(model, optimizer, train)
         micro_losses = []
         for _ in range(train.grad_accum):
@@ -350,29 +412,111 @@ def train_loop(sections: dict) -> list[float]:
         record = {"step": done, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
                   "tokens_per_s": throughput.tokens_per_second(tokens_per_step), **peaks, "lowest_trained_layer": depth}
         if blockllm is not None:
-            record.update(selected_fraction=blockllm.selected_fraction, scoring=blockllm.selection.scoring,
-                          reselected=blockllm.selection.reselections != reselections_before)
+            record.update(**selection, reselected=blockllm.selection.reselections != reselections_before)
         if train.eval_every and (done % train.eval_every == 0 or done == stop):
             record["eval_loss"] = evaluate(backend, model, eval_set, train)
             record["eval_perplexity"] = perplexity(record["eval_loss"])
         log.write(record)
+        summary.add(record)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (train.save_every and done % train.save_every == 0) or out_of_time or (
-                done == stop and (train.save_every or train.stop_at_step)):
-            save_checkpoint(backend, train.out_dir, done, {"step": done, "tokens_seen": tokens_seen, "rng": rng_states()})
+        if checkpoint_due(train, done, stop, out_of_time):
+            saved = save_and_prune(backend, train, done, {"step": done, "tokens_seen": tokens_seen, "rng": rng_states()})
         if out_of_time:
             if backend.rank == 0:
                 print(f"[pretrain] --time_budget {train.time_budget:g}s spent: stopped at step {done} of {stop} with a "
                       "checkpoint; --resume auto continues", flush=True)
             break
     progress.close()
+    if backend.rank == 0:
+        print_summary(summary, train, log, saved, resume_argv, launched=backend.world_size > 1 or launched_by_accelerate())
     if recording:
         Path(train.memory_snapshot).parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(train.memory_snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
         print(f"[pretrain] memory snapshot: {train.memory_snapshot}", flush=True)
     return losses
+
+
+def claim_run_folder(train: TrainConfig) -> None:
+    """One run per --out_dir (blockllm_scale/run_dir.py): a fresh run into a folder that holds one is
+    refused in one line; with --overwrite the old run is moved aside first."""
+    moved = claim_out_dir(train.out_dir, train.resume, train.overwrite, rank=int(os.environ.get("RANK", "0")))
+    if moved is not None:
+        print(f"[pretrain] --overwrite: the run that was in {train.out_dir} is now in {moved}", flush=True)
+
+
+def continue_history(log: MetricsLog, out_dir: str, step: int) -> None:
+    """After resuming at ``step`` (0: --resume auto found no checkpoint), set aside what the interrupted
+    run wrote past it: its later metrics records and checkpoints (rank 0)."""
+    records = log.set_aside_after(step)
+    if records:
+        steps = [s for s in records if s >= 0]
+        which = step_range(min(steps), max(steps)) if steps else "unreadable lines"
+        print(f"[pretrain] set aside {len(records)} record(s) past step {step} ({which}, written after the checkpoint "
+              f"resumed from) in {log.discarded_path}", flush=True)
+    later = set_aside_later_checkpoints(out_dir, step)
+    if later:
+        print(f"[pretrain] set aside checkpoint(s) past step {step} into {Path(out_dir) / 'checkpoints' / 'discarded'}: "
+              f"{', '.join(later)}", flush=True)
+
+
+def this_steps_selection(blockllm: BlockLLM | None) -> dict:
+    """The BlockLLM metrics fields that describe the coming step, read before its forward: step() may
+    switch blocks (or make the next step a scoring step) at its end."""
+    if blockllm is None:
+        return {}
+    return {"selected_fraction": blockllm.selected_fraction, "scoring_step": blockllm.scoring_step}
+
+
+def checkpoint_due(train: TrainConfig, done: int, stop: int, out_of_time: bool) -> bool:
+    """Every --save_every steps, at this invocation's last step (so --resume auto continues or says the run
+    is complete) and when --time_budget stops it; never with --keep_checkpoints 0."""
+    if not train.keep_checkpoints:
+        return False
+    return done == stop or out_of_time or bool(train.save_every and done % train.save_every == 0)
+
+
+def save_and_prune(backend, train: TrainConfig, step: int, client_state: dict) -> Path:
+    saved = save_checkpoint(backend, train.out_dir, step, client_state)
+    if backend.rank == 0:
+        prune_checkpoints(train.out_dir, train.keep_checkpoints)
+    return saved
+
+
+def resume_command(sections: dict) -> list[str]:
+    """The flags of this run that differ from their defaults, then ``--resume auto``: the command line
+    that continues it to --steps, whatever command line (or test) started it."""
+    argv = []
+    for section, (cls, skipped) in CONFIG_SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            value = getattr(sections[section], f.name)
+            if f.name in skipped or f.name in ("resume", "overwrite", "stop_at_step") or value == f.default:
+                continue
+            if f.type in ("bool", bool):
+                argv.append(f"--{f.name}" if value else f"--no-{f.name}")
+            else:
+                argv += [f"--{f.name}", str(value)]
+    return [*argv, "--resume", "auto"]
+
+
+def print_summary(summary: RunSummary, train: TrainConfig, log: MetricsLog, saved: Path | None,
+                  resume_argv: list[str], launched: bool) -> None:
+    """The end of every run (rank 0): what it did, where its files are, and how to continue it."""
+    for line in summary.lines():
+        print(f"[pretrain] {line}")
+    print(f"[pretrain] metrics: {log.path}; checkpoints: "
+          f"{saved.parent if saved else 'none written (--keep_checkpoints 0)'}" + (f" (newest {saved.name})" if saved else ""))
+    last = summary.records[-1]["step"] if summary.records else None
+    if last == train.steps:
+        print(f"[pretrain] the run is complete (step {last} of --steps {train.steps})", flush=True)
+    elif saved is not None:
+        script = os.path.relpath(Path(__file__).resolve())
+        script = script if not script.startswith("..") else str(Path(__file__).resolve())
+        launcher = "<the same launcher as this run> " if launched else "python "
+        print(f"[pretrain] resume: {launcher}{shlex.join([script, *resume_argv])}", flush=True)
+    else:
+        print("[pretrain] this run cannot be resumed: it wrote no checkpoint (--keep_checkpoints 0)", flush=True)
 
 
 def backward_depth(model: torch.nn.Module, blockllm: BlockLLM | None) -> int | None:

@@ -206,6 +206,8 @@ def launcher_argv(job: Job, run_dir: Path, budget: float | None) -> list[str]:
     if job.kind == "train":
         argv += ["--resume", "auto", "--stop_at_step", str(job.target_steps)]
         argv += ["--time_budget", f"{budget:.0f}"] if budget else []
+    else:  # a memory measurement, run again from scratch: nothing to resume, no checkpoint to write
+        argv += ["--keep_checkpoints", "0"]
     return argv
 
 

@@ -14,12 +14,17 @@ Why not ``accelerator.prepare``: it swaps the optimizer's parameters for DTensor
 back, DeepSpeed's ZeRO engines cannot follow a block switch (integration notes), and on a machine
 without GPUs accelerate silently turns FSDP into DDP and ignores DeepSpeed.
 
-Config mistakes (FSDP1, an FSDP1-only key under ``fsdp_version: 2``, fp16, ...) are one-line
-:class:`~blockllm_scale.config.ConfigError`s.
+Config mistakes (FSDP1, an FSDP1-only key under ``fsdp_version: 2``, fp16, a key accelerate does not
+know, ...) are one-line :class:`~blockllm_scale.config.ConfigError`s. Unknown keys: accelerate itself
+refuses one at the top level (``accelerate launch`` stops with a ValueError naming it) but ignores one
+inside ``fsdp_config`` or ``deepspeed_config`` without a word, so a misspelt setting would train with its
+default. The checker names them; so does the launcher, which reads the YAML that ``accelerate launch``
+was given from that process's command line (its parent, on Linux; see :func:`launching_config_file`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -37,6 +42,31 @@ FSDP1_ONLY = {
     "fsdp_use_orig_params": "FSDP2 always keeps the original parameters; remove it",
     "fsdp_sync_module_states": "remove it (every rank builds the same model from --seed)",
 }
+# The keys accelerate 1.15 reads from a config file, from its source: the top level is ClusterConfig's
+# fields (commands/config/config_args.py; process_config still converts the old fp16 and dynamo_backend);
+# inside fsdp_config and deepspeed_config, `accelerate launch` copies each key onto its own argument of the
+# same name (commands/launch.py's "FSDP Arguments" and "DeepSpeed Arguments"; fsdp_ignored_modules is read
+# by utils/launch.py alone), and any other key goes nowhere. `accelerate config` (commands/config/cluster.py)
+# writes only these. tests/unit/test_accelerate_config.py compares the sets with the installed accelerate.
+TOP_LEVEL_KEYS = frozenset({
+    "compute_environment", "distributed_type", "mixed_precision", "use_cpu", "debug", "num_processes",
+    "machine_rank", "num_machines", "gpu_ids", "main_process_ip", "main_process_port", "rdzv_backend",
+    "same_network", "main_training_function", "enable_cpu_affinity", "fp8_config", "deepspeed_config",
+    "fsdp_config", "parallelism_config", "megatron_lm_config", "mpirun_config", "downcast_bf16", "tpu_name",
+    "tpu_zone", "tpu_use_cluster", "tpu_use_sudo", "command_file", "commands", "tpu_vm", "tpu_env",
+    "dynamo_config", "fp16", "dynamo_backend"})
+FSDP_KEYS = frozenset({
+    "fsdp_version", "fsdp_offload_params", "fsdp_min_num_params", "fsdp_sharding_strategy",
+    "fsdp_reshard_after_forward", "fsdp_auto_wrap_policy", "fsdp_transformer_layer_cls_to_wrap",
+    "fsdp_backward_prefetch", "fsdp_state_dict_type", "fsdp_forward_prefetch", "fsdp_use_orig_params",
+    "fsdp_cpu_ram_efficient_loading", "fsdp_sync_module_states", "fsdp_activation_checkpointing",
+    "fsdp_activation_checkpointing_offload", "fsdp_ignored_modules"})
+DEEPSPEED_KEYS = frozenset({
+    "deepspeed_config_file", "zero_stage", "offload_optimizer_device", "offload_param_device",
+    "offload_optimizer_nvme_path", "offload_param_nvme_path", "gradient_accumulation_steps", "gradient_clipping",
+    "zero3_init_flag", "zero3_save_16bit_model", "deepspeed_hostfile", "deepspeed_exclusion_filter",
+    "deepspeed_inclusion_filter", "deepspeed_multinode_launcher", "deepspeed_moe_layer_cls_names"})
+
 # What `accelerate launch` passes to the processes for an FSDP key, and its launcher default: a key
 # that differs from its default was set in the config file (or on the command line).
 _FSDP_ENV = {
@@ -163,11 +193,41 @@ def deepspeed_config(settings: Mapping[str, object]) -> dict:
     return config
 
 
-def check_config_file(path: str | Path) -> None:
-    """Validate an accelerate YAML config for pretrain.py; raises ConfigError on the first mistake."""
+def _fsdp_key(key: str) -> str:
+    return key if key.startswith("fsdp_") else f"fsdp_{key}"  # accelerate adds the prefix, as here
+
+
+def check_known_keys(config: Mapping[str, object]) -> None:
+    """A ConfigError naming every key accelerate does not know, at the top level and inside
+    ``fsdp_config`` / ``deepspeed_config`` (with the nearest known key where one is close)."""
+    sections = [("", config.keys(), TOP_LEVEL_KEYS),
+                ("fsdp_config", (config.get("fsdp_config") or {}).keys(), FSDP_KEYS),
+                ("deepspeed_config", (config.get("deepspeed_config") or {}).keys(), DEEPSPEED_KEYS)]
+    unknown = []
+    for section, keys, known in sections:
+        for key in keys:
+            name = _fsdp_key(str(key)) if section == "fsdp_config" else str(key)
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                unknown.append(f"{section + '.' if section else ''}{key}{hint}")
+    if unknown:
+        raise ConfigError(f"unknown accelerate config key(s): {', '.join(unknown)}")
+
+
+def load_config_file(path: str | Path) -> dict:
     import yaml
 
     config = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: an accelerate config is a mapping of keys, got {type(config).__name__}")
+    return config
+
+
+def check_config_file(path: str | Path) -> None:
+    """Validate an accelerate YAML config for pretrain.py; raises ConfigError on the first mistake."""
+    config = load_config_file(path)
+    check_known_keys(config)
     check_mixed_precision(config.get("mixed_precision"))
     kind = str(config.get("distributed_type", "NO")).upper()
     if kind == "FSDP":
@@ -180,6 +240,41 @@ def check_config_file(path: str | Path) -> None:
         raise ConfigError(f"distributed_type: {kind} is not supported; use FSDP (fsdp_version: 2) or DEEPSPEED")
 
 
+def launching_config_file(parent_argv: list[str] | None = None, parent_cwd: Path | None = None) -> Path | None:
+    """The config file that ``accelerate launch`` read, from its command line, or None where this process
+    was not started by ``accelerate launch`` or its command line cannot be read.
+
+    accelerate hands the processes the values of the keys it knows and nothing else, so a misspelt key
+    can only be seen in the file. ``accelerate launch`` is the parent of every process it starts (its
+    simple launcher starts the script itself; its torchrun agent runs inside it), so its command line is
+    ``/proc/<parent>/cmdline`` (Linux). Without ``--config_file`` it reads its default config, when there
+    is one, as here."""
+    if parent_argv is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+            parent_cwd = Path(os.readlink(f"/proc/{os.getppid()}/cwd"))
+        except OSError:
+            return None
+        parent_argv = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    if not _is_accelerate_launch(parent_argv):
+        return None
+    for i, arg in enumerate(parent_argv):
+        if arg == "--config_file" and i + 1 < len(parent_argv):
+            return (parent_cwd or Path.cwd()) / parent_argv[i + 1]
+        if arg.startswith("--config_file="):
+            return (parent_cwd or Path.cwd()) / arg.split("=", 1)[1]
+    from accelerate.commands.config import default_config_file
+
+    return Path(default_config_file) if Path(default_config_file).is_file() else None
+
+
+def _is_accelerate_launch(argv: list[str]) -> bool:
+    """``accelerate launch ...`` or ``python -m accelerate.commands.launch ...``."""
+    if "accelerate.commands.launch" in argv:
+        return True
+    return any(Path(arg).name == "accelerate" and argv[i + 1:i + 2] == ["launch"] for i, arg in enumerate(argv))
+
+
 class AccelerateBackend:
     """The train loop's backend under ``accelerate launch``: one of ours, picked from accelerate's config.
 
@@ -188,7 +283,8 @@ class AccelerateBackend:
     ``train`` here, before the train loop builds the model.
     """
 
-    def __init__(self, train, env: Mapping[str, str] = os.environ):
+    def __init__(self, train, env: Mapping[str, str] = os.environ, config_file: Path | None = None):
+        self._check_keys_of(config_file or launching_config_file())
         self.plugin = "fsdp" if launched_with_fsdp(env) else \
             "deepspeed" if _flag(env.get("ACCELERATE_USE_DEEPSPEED")) else "none"
         dtype = check_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"))
@@ -198,6 +294,15 @@ class AccelerateBackend:
         if self.delegate.rank == 0:
             print(f"[accelerate] plugin {self.plugin}: delegate {type(self.delegate).__name__}, --dtype {train.dtype}",
                   flush=True)
+
+    @staticmethod
+    def _check_keys_of(config_file: Path | None) -> None:
+        if config_file is None or not config_file.is_file():
+            return
+        try:
+            check_known_keys(load_config_file(config_file))
+        except ConfigError as error:
+            raise ConfigError(f"{config_file}: {error}") from None
 
     @staticmethod
     def _fsdp2(train, env):

@@ -77,3 +77,11 @@ def deepspeed_launch(script: str | Path, *args: str, nproc: int = 2, timeout: in
 def rank_results(out_dir: str | Path, prefix: str, world_size: int) -> list[dict]:
     """The JSON each rank of a driver wrote to ``<out_dir>/<prefix>rank<r>.json``."""
     return [json.loads((Path(out_dir) / f"{prefix}rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def unlisted_files(checkpoint: str | Path) -> set[str]:
+    """Files a backend wrote into a checkpoint that its manifest.json does not list (should be none)."""
+    checkpoint = Path(checkpoint)
+    listed = set(json.loads((checkpoint / "manifest.json").read_text())["files"])
+    written = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
+    return written - listed - {"manifest.json"}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from launch_utils import PRETRAIN, REPO, accelerate_launch, failure_report, metrics
 
 BATCH, SEQ, STEPS = 2, 32, 6
@@ -43,3 +45,17 @@ def test_deepspeed_zero2_config(tmp_path):
     assert "delegate DeepSpeedBackend" in result.stdout
     written = json.loads((tmp_path / "accelerate_deepspeed_config.json").read_text())
     assert written["zero_optimization"]["stage"] == 2
+
+
+def test_a_misspelt_key_inside_fsdp_config_stops_every_process_in_one_line(tmp_path):
+    """accelerate passes on only the keys it knows, so the launcher reads the YAML off `accelerate launch`'s
+    command line; without that the run trains with the misspelt setting's default."""
+    config = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp2.yaml").read_text())
+    config["fsdp_config"]["fsdp_reshard_after_foward"] = config["fsdp_config"].pop("fsdp_reshard_after_forward")
+    path = tmp_path / "misspelt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = accelerate_launch(path, PRETRAIN, *FLAGS, "--out_dir", str(tmp_path / "run"))
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("pretrain.py: error:")]
+    assert result.returncode != 0 and len(errors) == 2, failure_report(result)  # one line from each process
+    assert all("fsdp_config.fsdp_reshard_after_foward (did you mean fsdp_reshard_after_forward?)" in e for e in errors)
+    assert not (tmp_path / "run").exists()

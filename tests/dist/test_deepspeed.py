@@ -12,7 +12,10 @@ import sys
 
 import pytest
 
-from launch_utils import PRETRAIN, REPO, cpu_env, deepspeed_launch, failure_report, metrics, rank_results, torchrun
+from launch_utils import (PRETRAIN, REPO, cpu_env, deepspeed_launch, failure_report, metrics, rank_results, torchrun,
+                          unlisted_files)
+
+from blockllm_scale.checkpoint import manifest_problem, step_dirs
 
 from deepspeed_cases import ACCUM_RUNS, BF16_RUNS, FP32_RUNS, RESUMED
 
@@ -141,6 +144,16 @@ def test_8bit_states_are_checked_at_run_time(main_run):
     steps = ranks[0]["bnb_8bit_zero2"]["steps"]
     assert steps and all("torch.uint8" in s["state_dtypes"] for s in steps), steps
     assert all(math.isfinite(x) for x in ranks[0]["bnb_8bit_zero2"]["losses"])
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_checkpoint_manifests_cover_every_file_deepspeed_wrote(main_run, name):
+    out, _ = main_run
+    checkpoints = step_dirs(out / name / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step_3", "step_5"]  # --save_every 3, and the end
+    for checkpoint in checkpoints:
+        assert (checkpoint / "deepspeed").is_dir() and unlisted_files(checkpoint) == set()
+        assert manifest_problem(checkpoint) is None
 
 
 @pytest.mark.parametrize("name", RESUMED)

@@ -9,7 +9,9 @@ import math
 
 import pytest
 
-from launch_utils import REPO, failure_report, metrics, torchrun
+from launch_utils import REPO, failure_report, metrics, torchrun, unlisted_files
+
+from blockllm_scale.checkpoint import manifest_problem, step_dirs
 
 WORLD = 2
 
@@ -69,6 +71,15 @@ def test_dcp_resume_equals_uninterrupted_run(runs):
     resumed = metrics(out / "resumed")
     assert [r["step"] for r in resumed] == list(range(1, 11))
     assert any(r["reselected"] for r in resumed[5:])  # the resumed stretch crossed a switch
+
+
+def test_checkpoint_manifests_cover_the_sharded_files_and_three_are_kept(runs):
+    out, _ = runs
+    kept = step_dirs(out / "saved_every_step" / "checkpoints")  # --save_every 1 over 10 steps
+    assert [p.name for p in kept] == ["step_8", "step_9", "step_10"]  # --keep_checkpoints' default
+    for checkpoint in kept:
+        assert any(p.suffix == ".distcp" for p in (checkpoint / "dcp").iterdir())
+        assert unlisted_files(checkpoint) == set() and manifest_problem(checkpoint) is None
 
 
 @pytest.mark.parametrize("rank", range(WORLD))

@@ -230,14 +230,14 @@ def test_outcomes_are_results(returncode, stderr, status):
 
 
 def test_summary_splits_scoring_steps_from_sparse_steps():
-    """A record's "scoring" flag marks the step after it; warm-up steps are left out of the split."""
-    # 100 tokens a step; the records of steps 3 and 5 carry the flag, so steps 4 and 6 score.
+    """A record's "scoring_step" flag marks its own step; warm-up steps are left out of the split."""
+    # 100 tokens a step; steps 1 (warm-up), 4 and 6 score.
     rates = [10.0, 50.0, 50.0, 25.0, 50.0, 20.0]  # 10 s (warm-up), then 2, 2, 4, 2, 5 s
-    flags = [False, False, True, False, True, False]
+    flags = [True, False, False, True, False, True]
     records = [{"step": i + 1, "loss": 1.0, "tokens": 100 * (i + 1), "tokens_per_s": rate, "selected_fraction": 0.1,
-                "scoring": flag} for i, (rate, flag) in enumerate(zip(rates, flags))]
+                "scoring_step": flag} for i, (rate, flag) in enumerate(zip(rates, flags))]
     out = memory.summarize(records, warmup=1)
-    assert out["scoring_steps"] == 2
+    assert out["scoring_steps"] == 3  # the warm-up's too: it is a count of the run's scoring steps
     assert out["scoring_step_s_median"] == pytest.approx(4.5)  # steps 4 and 6: 4 s and 5 s
     assert out["sparse_step_s_median"] == pytest.approx(2.0)  # steps 2, 3, 5
     assert out["scoring_time_share"] == pytest.approx(9 / 15)

@@ -6,6 +6,7 @@ launcher builds: recomputation changes nothing numerically, and it really happen
 """
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from launch import pretrain  # noqa: E402
+from blockllm_scale import metrics as metrics_module  # noqa: E402
 
 # Patience 2 with half the parameters frozen: several reselections (each one a scoring step) in 8 steps.
 COMMON = ["--model", "tiny", "--steps", "8", "--batch_size", "2", "--grad_accum", "2", "--seq_len", "32",
@@ -30,10 +32,15 @@ def instrumented_run(monkeypatch, out_dir: Path, *flags: str) -> dict:
     """
     built = {}
     forwards: list[list] = []
+    weights: list[dict] = []  # the parameters each forward saw
+
+    def before_forward(module, args):
+        forwards.append([built["optimizer"].scoring_step, 0])
+        weights.append({n: p.detach().clone() for n, p in module.named_parameters()})
 
     def build_model(*args, **kwargs):
         model = original_build_model(*args, **kwargs)
-        model.register_forward_pre_hook(lambda module, args: forwards.append([built["optimizer"].scoring_step, 0]))
+        model.register_forward_pre_hook(before_forward)
         # A pre-hook: the recomputation stops early, once it has what backward needs (torch's
         # non-reentrant checkpoint), so the MLP's forward hooks do not run a second time.
         model.model.layers[-1].mlp.register_forward_pre_hook(lambda module, args: forwards[-1].__setitem__(
@@ -51,7 +58,7 @@ def instrumented_run(monkeypatch, out_dir: Path, *flags: str) -> dict:
     losses = pretrain.train_loop(pretrain.parse_args([*COMMON, "--out_dir", str(out_dir), *flags]))
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     params = {n: p.detach().clone() for n, p in built["model"].named_parameters()}
-    return {"losses": losses, "records": records, "params": params, "forwards": forwards}
+    return {"losses": losses, "records": records, "params": params, "forwards": forwards, "weights": weights}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,31 @@ def test_activations_are_recomputed_on_scoring_steps_only(runs):
     assert scoring[:2] == [True, True] and sum(scoring[2:]) >= 2  # step 0 and at least one reselection
     assert [count for _, count in on["forwards"]] == [2 if s else 1 for s in scoring]
     assert [count for _, count in off["forwards"]] == [1] * len(scoring)
+
+
+def test_each_record_describes_its_own_step(runs):
+    """metrics.jsonl: scoring_step is whether that step's forwards ran as a scoring step; selected_fraction
+    is the share of parameters that step's update changed; reselected marks the step whose update made a
+    new selection, which with norm-based scores is a scoring step."""
+    on, _ = runs
+    scoring = [s for s, _ in on["forwards"][::2]]  # the first of each step's 2 micro-batches
+    assert [r["scoring_step"] for r in on["records"]] == scoring
+    assert [r["reselected"] for r in on["records"]] == scoring
+    before = on["weights"][::2]
+    after = before[1:] + [on["params"]]
+    total = sum(p.numel() for p in on["params"].values())
+    for record, old, new in zip(on["records"], before, after):
+        changed = sum(p.numel() for n, p in new.items() if not torch.equal(p, old[n]))
+        assert record["selected_fraction"] == pytest.approx(changed / total), record["step"]
+    assert on["records"][0]["selected_fraction"] == 0.0  # step 1 only scores: embeddings are candidates here
+
+
+def test_every_field_of_a_record_is_documented_in_one_place(runs):
+    cells = re.findall(r"^\| (`[^|]+`) \|", metrics_module.__doc__, re.MULTILINE)
+    documented = {name.strip("`") for cell in cells for name in cell.split(", ")}
+    on, _ = runs
+    assert set().union(*on["records"]) <= documented
+    assert {"eval_loss", "eval_perplexity"} <= documented  # the fields of evaluating steps (none here)
 
 
 def test_the_toggle_reaches_the_model_inside_a_wrapper():

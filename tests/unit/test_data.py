@@ -1,4 +1,5 @@
-"""Data pipeline: shipped tokenizer, packing, held-out split, batching, local/streamed files."""
+"""Data pipeline: shipped tokenizer, packing, held-out split, batching, local/streamed files; data too
+small for a run is one line through the launcher."""
 
 import json
 import math
@@ -6,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from launcher_runs import TINY, one_error_line, run_main
 
 from blockllm_scale.data import (
     SHIPPED_CORPUS,
@@ -319,3 +321,33 @@ def test_bad_eval_dataset_names_the_field(tmp_path, dataset, eval_dataset):
     paths = {"TRAIN": str(train_path), "EVAL": str(eval_path), "TRAIN_TXT": str(tmp_path / "train.txt")}
     with pytest.raises(ValueError, match="DataConfig.eval_dataset"):
         DataConfig(dataset=paths.get(dataset, dataset), eval_dataset=paths.get(eval_dataset, eval_dataset))
+
+
+# ----- through the launcher: the message alone, no traceback ------------------------------------------
+@pytest.mark.parametrize("content, names", [
+    ("", "is empty"),
+    ("   \n\n", "is empty"),
+    ("To be, or not to be.", "too few for seq_len=32"),
+    ("word " * 2000, "held-out part of --dataset"),  # a train batch fits, the held-out rows do not
+])
+def test_an_empty_or_short_dataset_is_one_line(tmp_path, capsys, content, names):
+    dataset = tmp_path / "corpus.txt"
+    dataset.write_text(content)
+    code, _, err = run_main(capsys, *TINY, "--batch_size", "8", "--dataset", str(dataset),
+                            "--out_dir", str(tmp_path / "run"))
+    assert code == 2 and names in one_error_line(err)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("empty.jsonl", lambda path: path.write_text("")),
+    ("short.jsonl", lambda path: path.write_text('{"text": "Brief."}\n')),
+    ("empty.npy", lambda path: np.save(path, np.zeros(0, dtype=np.uint16))),
+    ("short.npy", lambda path: np.save(path, np.arange(40, dtype=np.uint16))),
+    ("empty.bin", lambda path: path.write_bytes(b"")),
+])
+def test_empty_or_short_files_of_every_kind_are_one_line(tmp_path, capsys, name, make):
+    make(tmp_path / name)
+    code, _, err = run_main(capsys, *TINY, "--dataset", str(tmp_path / name), "--out_dir", str(tmp_path / "run"))
+    assert code == 2
+    one_error_line(err)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -2,6 +2,7 @@
 one exactly, and configuration mistakes are one line with no traceback."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     first = run_pretrain(*COMMON, "--out_dir", str(split), "--stop_at_step", "5")
     assert first.returncode == 0, first.stderr
     assert (split / "checkpoints" / "latest").read_text() == "step_5"
+    # A run killed after its checkpoint has written records past it, the last one cut short.
+    killed_run_lines = [json.dumps(r) + "\n" for r in metrics(whole)[5:7]] + ['{"step": 8, "lo']
+    with (split / "metrics.jsonl").open("a") as f:
+        f.writelines(killed_run_lines)
     second = run_pretrain(*COMMON, "--out_dir", str(split), "--resume", "auto")
     assert second.returncode == 0, second.stderr
-    assert "resuming" in second.stdout
+    assert "resuming" in second.stdout and "set aside 3 record(s) past step 5" in second.stdout
 
     uninterrupted, resumed = metrics(whole), metrics(split)
-    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["step"] for r in resumed] == list(range(1, 13))  # one clean history
+    assert (split / "metrics.discarded.jsonl").read_text() == "".join(killed_run_lines) + "\n"
     assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
     # The resumed stretch really crossed a block switch, or this test would prove little.
     assert any(r["reselected"] for r in uninterrupted[5:])
@@ -64,6 +70,28 @@ def test_configuration_mistakes_are_one_line(flags, names, tmp_path, capsys):
     assert "Traceback" not in stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and names in error_lines[0], stderr
+
+
+@pytest.fixture(scope="module")
+def help_run():
+    return run_pretrain("--help")
+
+
+def test_help_shows_every_flags_default(help_run):
+    assert help_run.returncode == 0
+    # One block per flag: from its "  --name" line to the next.
+    blocks = re.split(r"\n  (?=--)", "\n" + help_run.stdout.split("\ntrain:\n", 1)[1])[1:]
+    flags = [f.name for section, (cls, skipped) in pretrain.CONFIG_SECTIONS.items()
+             for f in pretrain.dataclasses.fields(cls) if f.name not in skipped]
+    assert [b.split()[0].split(",")[0] for b in blocks] == [f"--{name}" for name in flags]
+    assert all(" ".join(b.split()).count("(default: ") == 1 for b in blocks), blocks
+    text = " ".join(help_run.stdout.split())
+    assert "--keep_checkpoints KEEP_CHECKPOINTS" in text and "(default: runs/default)" in text
+
+
+def test_the_launcher_starts_without_the_import_warnings(help_run):
+    """torchao's failed optional kernels and torch's Enum notice, logged at import: filtered by the launcher."""
+    assert "Failed to load" not in help_run.stderr and "register_constant" not in help_run.stderr, help_run.stderr
 
 
 def test_backward_depth_is_the_lowest_layer_that_takes_a_gradient():
