@@ -146,8 +146,12 @@ def launcher_command(spec: RunSpec, out_dir: str, known: dict[str, str], device:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.gpus}", script]
         argv += (["--ds_config", str(ds_config_for(spec, out_dir))] if spec.backend.startswith("zero")
                  else ["--backend", "fsdp2"])
+    # Plain bf16 runs measure pure bf16 weights (every result so far, and the memory model's plain bf16): the
+    # launcher's --dtype bf16 adds fp32 master copies of what each optimizer trains. DeepSpeed and FSDP2 keep
+    # their own masters in bf16.
+    dtype = "bf16-pure" if spec.dtype == "bf16" and spec.backend == "plain" else spec.dtype
     values = {"optimizer": spec.optimizer, "model": spec.model, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
-              "dtype": spec.dtype, "steps": spec.steps, "activation_checkpointing": str(spec.checkpointing).lower(),
+              "dtype": dtype, "steps": spec.steps, "activation_checkpointing": str(spec.checkpointing).lower(),
               "dataset": "synthetic", "vocab_size": MODEL_SIZES[spec.model]["vocab_size"], "eval_every": 0,
               "out_dir": out_dir, "keep_checkpoints": 0}  # a measurement: no checkpoint to write (and wait for)
     notes = [f"--{name} dropped: the launcher has no such flag" for name, _ in spec.optional if name not in known]

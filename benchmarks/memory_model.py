@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from blockllm_scale.config import BlockLLMConfig
 from blockllm_scale.selection import selection_budget
 
 GIB = 2**30
@@ -131,7 +132,7 @@ class Setup:
     steps: int = 8
     sparsity: float = 0.9  # BlockLLM
     states: str = "fp32"
-    embeddings: str = "always"
+    embeddings: str = BlockLLMConfig.embeddings
     strategy: str = "norm_over_visits"
     step_in_backward: bool = False
     checkpoint_scoring_steps: bool = True  # the launcher's default: scoring steps recompute activations
@@ -273,7 +274,9 @@ def _badam_plan(setup: Setup, tensors: list[Tensor], w: int) -> Plan:
 def _blockllm_plan(setup: Setup, tensors: list[Tensor], w: int, state_w: int) -> Plan:
     always = [t for t in tensors if t.embedding and setup.embeddings == "always"]
     candidates = [t for t in tensors if not (t.embedding and setup.embeddings in ("always", "never"))]
-    budget = selection_budget(sum(t.numel for t in candidates), setup.sparsity)
+    # The budget counts every parameter, the always-trained ones included (BlockLLM._candidate_budget).
+    budget = min(sum(t.numel for t in candidates),
+                 selection_budget(sum(t.numel for t in tensors), setup.sparsity, sum(t.numel for t in always)))
     trained = sum(t.numel for t in always) + budget
     fmt = "torch" if setup.states == "fp32" else setup.states
     # The budget is spread over many large tensors: charge it at a large tensor's rate.

@@ -87,10 +87,10 @@ def _sixty_m_configs(galore_rank: int) -> dict:
 
 PRESETS = {
     # 4600 steps x 128 x 256 = 150.7M tokens per run.
-    "60m": QualityPlan("LLaMA-60M: eval loss at 150M tokens, BlockLLM against AdamW, GaLore and random blocks",
+    "60m": QualityPlan("LLaMA-60M, a 150M-token schedule: BlockLLM against AdamW, GaLore and random blocks at equal tokens",
                        "60m", 128, 256, 4600, 460, 8, _sixty_m_configs(128),
                        targets=(("blockllm-s0.5", "<= 1.03x AdamW", 1.03), ("blockllm-s0.9", "<= 1.10x AdamW", 1.10))),
-    "130m": QualityPlan("LLaMA-130M: eval loss at 150M tokens, BlockLLM s=0.5 against AdamW and GaLore",
+    "130m": QualityPlan("LLaMA-130M, a 150M-token schedule: BlockLLM s=0.5 against AdamW and GaLore at equal tokens",
                         "130m", 128, 256, 4600, 460, 8,
                         {k: v for k, v in _sixty_m_configs(256).items()
                          if k in ("adamw", "adamw-lr2e-3", "galore", "blockllm-s0.5")},
@@ -220,7 +220,7 @@ def write_report(plan_name: str, plan: QualityPlan, runs_dir: Path, results_dir:
         f"schedule to 10% with {plan.warmup_fraction:.0%} warm-up ({plan.tokens():,} tokens), weight decay 0, seed 0, "
         f"--dtype {plan.dtype} (bf16 weights and compute, each optimizer updating fp32 copies of what it trains, "
         "unless a row says otherwise), the same batches in the same order; "
-        f"{plan.parallel} runs sharing the device",
+        f"{min(plan.parallel, len(rows))} runs sharing the device",
         f"- compared at step {at['compared_at_step']} = {fmt(at['compared_at_tokens'])} tokens (the last evaluation "
         f"every run reached), on {plan.eval_batches} x {plan.batch_size} held-out rows", "",
         *table, "", "Targets:", *lines, ""])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections import defaultdict
 from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
@@ -366,7 +367,21 @@ class BlockLLM(torch.optim.Optimizer):
             self.record_loss(loss)
         self._update_trained_blocks()
         self._advance_selection()
+        self._publish_state()
         return loss
+
+    def _publish_state(self) -> None:
+        """``self.state[p]`` is the live Adam state (exp_avg, exp_avg_sq, step) of each trained parameter ``p``,
+        the very dicts of the library AdamW that holds them, as every torch optimizer exposes its state;
+        frozen parameters have none. (A backend that owns the update, DeepSpeed, keeps them itself.)"""
+        params = self._flat_params()
+        published = {}
+        for i in self._trained_indices():
+            holder = self._per_tensor.get(i) or self._inner
+            state = holder.state.get(self._stepped(i)) if holder is not None else None
+            if state:
+                published[params[i]] = state
+        self.state = defaultdict(dict, published)
 
     def _update_trained_blocks(self) -> None:
         if self._inner is None:
@@ -469,6 +484,7 @@ class BlockLLM(torch.optim.Optimizer):
             self._inner.load_state_dict(state_dict["inner"])
         for name, saved in state_dict.get("per_tensor", {}).items():
             self._per_tensor[index[name]].load_state_dict(saved)
+        self._publish_state()
 
 
 def _as_rng_state(saved) -> tuple:

@@ -40,7 +40,7 @@ def test_fsdp2_config(tmp_path):
 def test_deepspeed_zero2_config(tmp_path):
     # Under DeepSpeed something must be trained from step 0 on (its engine needs parameters).
     # (--optimizer adamw takes the same path; one launch costs ~30-60 s here, so it is not repeated.)
-    result = launch("deepspeed_zero2.yaml", tmp_path, "--embeddings", "always")
+    result = launch("deepspeed_zero2.yaml", tmp_path, "--embeddings", "always", "--sparsity", "0.05")
     check_two_rank_run(result, tmp_path, "backend AccelerateBackend")
     assert "delegate DeepSpeedBackend" in result.stdout
     written = json.loads((tmp_path / "accelerate_deepspeed_config.json").read_text())

@@ -86,7 +86,10 @@ def test_checkpoint_manifests_cover_the_sharded_files_and_three_are_kept(runs):
 def test_torchao_8bit_states_on_dtensors(runs, rank):
     results = runs[1][rank]
     settled = [s for s in results["torchao_8bit"]["steps"] if s["state_numel"]]
-    assert settled and all(s["state_dtypes"] == ["torch.uint8"] for s in settled)  # live DTensor-wrapped state
+    # Live DTensor-wrapped 8-bit state; torchao keeps fp32 state for tensors under 4096 elements (norms, which
+    # the greedy pass takes to fill the budget), so those may sit beside it.
+    assert settled and all("torch.uint8" in s["state_dtypes"] for s in settled)
+    assert all(set(s["state_dtypes"]) <= {"torch.uint8", "torch.float32"} for s in settled)
     # The 8-bit state goes through torch.distributed.checkpoint and back exactly.
     assert results["torchao_first_half"]["losses"] + results["torchao_resumed"]["losses"] == \
         results["torchao_8bit"]["losses"]

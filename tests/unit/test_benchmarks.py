@@ -70,10 +70,11 @@ def test_badam_7b_by_hand():
 
 
 def test_blockllm_budget_and_scoring_phase():
-    base = Setup("blockllm", "7b", batch_size=4, checkpointing=True, states="bnb_8bit", step_in_backward=True)
+    base = Setup("blockllm", "7b", batch_size=4, checkpointing=True, states="bnb_8bit", step_in_backward=True,
+                 embeddings="always")
     prediction = predict(base)
     embeddings = 2 * 32000 * 4096
-    budget = -(-(N_7B - embeddings) // 10)  # ceil(0.1 x candidates)
+    budget = -(-N_7B // 10) - embeddings  # ceil(0.1 n), the always-trained embeddings counted in it
     # Embedding and head: 8-bit codes + an fp32 absmax per 2048; the budget at the same rate.
     assert prediction.parts["states"] == 2 * state_bytes("bnb_8bit", embeddings // 2, 2) + budget * 2 * 2052 // 2048
     assert prediction.parts["step"] == 0  # every gradient is stepped and freed inside backward

@@ -785,3 +785,40 @@ def test_scoring_norm_accumulates_in_fp32_without_an_fp32_copy():
     assert squared.dtype == torch.float32 and squared.item() == pytest.approx(exact, rel=1e-5)
     # fp64 gradients keep their precision.
     assert square_sum(grad.double()).dtype == torch.float64
+
+
+def test_optimizer_state_holds_the_trained_blocks_moments():
+    # optimizer.state[p] is where torch tools look: at sparsity 0 it equals torch AdamW's own state; when
+    # sparse, it holds exactly the trained parameters, whose moments are the live ones the update uses.
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    opt = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.0)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    assert not opt.state
+    for step in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            loss = lm_loss(m, batch(step))
+            loss.backward()
+            if o is opt:
+                o.record_loss(loss)
+            o.step()
+            o.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert set(opt.state[p]) == set(ref_opt.state[q])
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], ref_opt.state[q][key])
+
+    sparse = tiny_llama()
+    opt = BlockLLM(sparse.named_parameters(), lr=1e-2, sparsity=0.7, patience=1, granularity="parameter")
+    for step in range(6):
+        loss = lm_loss(sparse, batch(step))
+        loss.backward()
+        opt.record_loss(loss)
+        opt.step()
+        trained = dict(opt.trained_named_parameters())
+        assert set(opt.state) <= set(trained.values())
+        if not opt.scoring_step and step > 1:
+            stepped = [p for p in trained.values() if opt.state.get(p)]
+            assert stepped, "a sparse step leaves the trained blocks' moments in optimizer.state"
+            assert all(opt.state[p] is opt._inner.state[p] for p in stepped)  # the live dicts, not copies
+        opt.zero_grad()
