@@ -307,6 +307,8 @@ class BlockLLM(torch.optim.Optimizer):
         for i in indices:
             if i in self._masters:
                 grad = params[i].grad
+                if grad is not None and self.selection.scoring:
+                    self.scorer.observe(params[i], grad)  # a scoring step: its norm is read after this frees it
                 self._masters[i].grad = None if grad is None else grad.float()
                 params[i].grad = None  # the fp32 copy replaces it: no need to hold both
 

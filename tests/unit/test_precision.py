@@ -124,3 +124,25 @@ def test_stochastic_rounding_lands_small_updates_on_average_without_fp32_copies(
     # Each entry moved by whole bf16 steps at random; on average about as far as the fp32 updates went.
     moved = (model.norm.detach().float() - 1).abs().mean().item()
     assert 5e-3 < moved < 5e-2
+
+
+def test_scoring_steps_see_the_trained_blocks_gradients_when_fp32_copies_take_them():
+    # With fp32 copies, the update frees each bf16 gradient; the scoring step must still rank the trained
+    # blocks by their real gradient norms (a zero would push them out at every reselection).
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(32, 32, bias=False) for _ in range(4)]).bfloat16()
+    opt = BlockLLM(layers.named_parameters(), lr=LR, sparsity=0.5, patience=1, granularity="parameter")
+    seen = []
+    original = opt._select_from_norms
+    opt._select_from_norms = lambda norms: (seen.append((set(opt._trained_indices()), list(norms))), original(norms))
+    for step in range(4):
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
+        loss = layers(x.bfloat16()).float().pow(2).mean()
+        loss.backward()
+        opt.record_loss(1.0 + step)  # a rising loss: every step after the first window reselects
+        opt.step()
+        opt.zero_grad()
+    scored_with_trained = [(trained, norms) for trained, norms in seen if trained]
+    assert scored_with_trained, "a scoring step while blocks were being trained"
+    for trained, norms in scored_with_trained:
+        assert all(norms[i] > 0 for i in trained), (trained, norms)
