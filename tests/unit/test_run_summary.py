@@ -39,3 +39,20 @@ def test_a_stopped_run_prints_the_command_that_resumes_it(tmp_path, capsys):
     assert code == 0 and "resuming" in out and "the run is complete (step 5 of --steps 5)" in out
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_4", "step_5"]
+
+
+def test_the_readme_main_job_shows_block_coordinate_descent(tmp_path, capsys):
+    """The README's main job, as printed: its summary shows reselections and about (1 - s) of the parameters
+    trained per step, what the project is about."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    main_job = shlex.split(readme[readme.index("<!-- install-command -->") + 1].split("&&")[1])
+    assert main_job[:2] == ["python", "launch/pretrain.py"]
+    flags = main_job[2:]
+    code, out, _ = run_main(capsys, *flags, "--out_dir", str(tmp_path), "--eval_every", "0")
+    assert code == 0
+    records = metrics(tmp_path)
+    reselections = sum(r["reselected"] for r in records if r["step"] > 1)  # step 1's is the first choice
+    fractions = [r["selected_fraction"] for r in records if not r["scoring_step"]]
+    sparsity = float(flags[flags.index("--sparsity") + 1])
+    assert reselections >= 2 and f"BlockLLM: {reselections} reselection(s)" in out
+    assert 0.85 * (1 - sparsity) <= sum(fractions) / len(fractions) <= 1 - sparsity
