@@ -380,7 +380,7 @@ class BlockLLM(torch.optim.Optimizer):
         published = {}
         for i in self._trained_indices():
             holder = self._per_tensor.get(i) or self._inner
-            state = holder.state.get(self._stepped(i)) if holder is not None else None
+            state = holder.state.get(self._masters.get(i, params[i])) if holder is not None else None
             if state:
                 published[params[i]] = state
         self.state = defaultdict(dict, published)
