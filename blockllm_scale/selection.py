@@ -136,7 +136,7 @@ def greedy_select(order: Sequence[int], numels: Sequence[int], budget: int, reac
     for i in order:
         if left <= 0:
             break
-        if reach or numels[i] <= left or not chosen and left == budget:
+        if reach or numels[i] <= left or not chosen:  # nothing chosen yet: an oversize top block alone
             chosen.append(i)
             left -= numels[i]
     return sorted(chosen)

@@ -90,7 +90,7 @@ def expected_greedy(opt: BlockLLM, param_norms, visits, use_visits=True) -> list
     ranked = sorted(candidates, key=score)
     chosen, left = [], opt.budget
     for b in ranked:  # blocks that fit in what is left, in rank order (the first alone may overshoot)
-        if opt.blocks[b].numel <= left or (not chosen and left == opt.budget):
+        if opt.blocks[b].numel <= left or not chosen:
             chosen.append(b)
             left -= opt.blocks[b].numel
     return chosen
