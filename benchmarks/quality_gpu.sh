@@ -4,6 +4,7 @@
 # to continue the runs (runs/ and .data/ stay there between calls). From the repository root, .whl carried:
 #
 #     GIT_COMMIT=<hash> bash benchmarks/quality_gpu.sh 60m 540
+#     QUALITY_ONLY=adamw-lr2e-3,galore GIT_COMMIT=<hash> bash benchmarks/quality_gpu.sh 60m 540   # some configurations
 #
 # $OUT receives quality.log, results.tar.gz (benchmarks/results/quality_<preset>.* and the run directories
 # without checkpoints: untar it in the repository root) and the markdown report.
@@ -27,7 +28,7 @@ if [ ! -f .data/python-sources/manifest.json ]; then
   python3 benchmarks/reproduce/build_corpus.py --source python-sources 2>&1 | tee -a "$out/quality.log"
 fi
 left=$(( budget - (SECONDS - t0) - 25 ))  # 25 s kept for the report and packing
-python3 benchmarks/quality.py --preset "$preset" --time_budget "$left" 2>&1 | tee -a "$out/quality.log"
+python3 benchmarks/quality.py --preset "$preset" --time_budget "$left" ${QUALITY_ONLY:+--only "$QUALITY_ONLY"} 2>&1 | tee -a "$out/quality.log"
 stem=quality_${preset//-/_}
 tar czf "$out/results.tar.gz" --exclude=checkpoints "benchmarks/results/$stem".* "runs/quality/$preset" .data/python-sources/manifest.json 2>>"$out/quality.log"
 cp "benchmarks/results/$stem.md" "$out/" 2>/dev/null
