@@ -74,26 +74,36 @@ class QualityPlan:
 
 def _sixty_m_configs(galore_rank: int) -> dict:
     # BlockLLM at lr 2e-3: a block trained on about half the steps moves about half as far at AdamW's lr
-    # (CPU sweep: eval loss 5.58 -> 5.40 at s=0.5). AdamW runs at both: the comparison is against its best.
+    # (CPU sweep: eval loss 5.58 -> 5.40 at s=0.5). AdamW at 2e-3 is its own best at 60M too (H200, 90M tokens:
+    # ppl 6.52 against 6.58 at 1e-3), so it is the reference: no ratio flatters BlockLLM by a weak AdamW.
     return {
-        "adamw": ("AdamW lr 1e-3", ADAMW),
         "adamw-lr2e-3": ("AdamW lr 2e-3", ADAMW.replace("1e-3", "2e-3")),
         "galore": (f"GaLore r{galore_rank} lr 0.01", f"{GALORE} --rank {galore_rank}"),
         "blockllm-s0.5": ("BlockLLM s=0.5 lr 2e-3", blockllm(0.5)),
         "blockllm-s0.5-random": ("random blocks s=0.5 lr 2e-3", blockllm(0.5, "--strategy random")),
-        "blockllm-s0.9": ("BlockLLM s=0.9 lr 2e-3", blockllm(0.9)),
     }
 
 
+# Four 60M runs at batch 128 x 256 share an H200 at ~540k tokens/s in all: 150M tokens each take ~19 minutes of
+# training, one device hold (~25 minutes with start-up and the corpus build). A 130M run costs ~2.2x a 60M one:
+# its table is built over several sessions, a few configurations per hold (``--only``; runs compared across
+# holds share corpus, batches, order and settings, and the report reads every run directory it is given).
 PRESETS = {
     # 4600 steps x 128 x 256 = 150.7M tokens per run.
-    "60m": QualityPlan("LLaMA-60M, a 150M-token schedule: BlockLLM against AdamW, GaLore and random blocks at equal tokens",
-                       "60m", 128, 256, 4600, 460, 8, _sixty_m_configs(128),
-                       targets=(("blockllm-s0.5", "<= 1.03x AdamW", 1.03), ("blockllm-s0.9", "<= 1.10x AdamW", 1.10))),
+    "60m": QualityPlan("LLaMA-60M, a 150M-token schedule: BlockLLM s=0.5 against AdamW, GaLore and random blocks "
+                       "at equal tokens", "60m", 128, 256, 4600, 460, 8, _sixty_m_configs(128),
+                       targets=(("blockllm-s0.5", "<= 1.03x AdamW", 1.03),)),
+    "60m-s0.9": QualityPlan("LLaMA-60M, a 150M-token schedule: BlockLLM s=0.9 against AdamW and random blocks at "
+                            "equal tokens", "60m", 128, 256, 4600, 460, 8, {
+                                "adamw-lr2e-3": ("AdamW lr 2e-3", ADAMW.replace("1e-3", "2e-3")),
+                                "blockllm-s0.9": ("BlockLLM s=0.9 lr 2e-3", blockllm(0.9)),
+                                "blockllm-s0.9-random": ("random blocks s=0.9 lr 2e-3",
+                                                         blockllm(0.9, "--strategy random"))},
+                            targets=(("blockllm-s0.9", "<= 1.10x AdamW", 1.10),)),
     "130m": QualityPlan("LLaMA-130M, a 150M-token schedule: BlockLLM s=0.5 against AdamW and GaLore at equal tokens",
                         "130m", 128, 256, 4600, 460, 8,
                         {k: v for k, v in _sixty_m_configs(256).items()
-                         if k in ("adamw", "adamw-lr2e-3", "galore", "blockllm-s0.5")},
+                         if k in ("adamw-lr2e-3", "galore", "blockllm-s0.5")},
                         targets=(("blockllm-s0.5", "<= 1.03x AdamW", 1.03),)),
     # Sweeps: short runs (33M tokens) of BlockLLM's settings at 60M, to choose what the long runs confirm.
     "60m-sweep": QualityPlan("LLaMA-60M sweep: BlockLLM's settings at 33M tokens", "60m", 128, 256, 1000, 250, 8, {
@@ -186,11 +196,13 @@ def verdicts(rows: list[dict], plan: QualityPlan) -> list[str]:
             lines.append(f"- {name} {what}: not measured")
             continue
         lines.append(f"- {row['label']} {what}: {ratio:.3f}x, {'met' if ratio <= bound else 'NOT met'}")
-    random_row, default = by_name.get("blockllm-s0.5-random"), by_name.get("blockllm-s0.5")
-    if random_row and default and None not in (random_row["eval_loss"], default["eval_loss"]):
-        better = random_row["eval_loss"] >= default["eval_loss"]
-        lines.append(f"- random blocks no better than the default rule: eval loss {random_row['eval_loss']:.4f} vs "
-                     f"{default['eval_loss']:.4f}, {'met' if better else 'NOT met'}")
+    for name, random_row in by_name.items():  # "<config>-random" is <config> with random block choice
+        greedy = by_name.get(name.removesuffix("-random")) if name.endswith("-random") else None
+        if greedy and None not in (random_row["eval_loss"], greedy["eval_loss"]):
+            better = random_row["eval_loss"] >= greedy["eval_loss"]
+            lines.append(f"- {random_row['label']} no better than {greedy['label']}: eval loss "
+                         f"{random_row['eval_loss']:.4f} vs {greedy['eval_loss']:.4f}, {'met' if better else 'NOT met'}")
+    default = by_name.get("blockllm-s0.5")
     galore = by_name.get("galore")
     if galore and default and None not in (galore["eval_ppl"], default["eval_ppl"]):
         lines.append(f"- BlockLLM s=0.5 <= GaLore's perplexity: {default['eval_ppl']:.3f} vs {galore['eval_ppl']:.3f}, "

@@ -29,3 +29,13 @@ def test_quality_benchmark_runs_resumes_and_reports(tmp_path):
     # every run's records are one clean history: steps 1..6 once each
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "cpu" / "adamw" / "metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_each_random_row_is_judged_against_its_greedy_twin():
+    plan = quality.PRESETS["60m-s0.9"]
+    row = {"optimizer": "blockllm", "sparsity": 0.9, "trained_fraction": 0.1, "ppl_ratio_to_reference": 1.2}
+    rows = [{**row, "name": "blockllm-s0.9", "label": "greedy", "eval_loss": 2.0, "eval_ppl": 7.4},
+            {**row, "name": "blockllm-s0.9-random", "label": "random", "eval_loss": 1.9, "eval_ppl": 6.7}]
+    lines = quality.verdicts(rows, plan)
+    assert "- random no better than greedy: eval loss 1.9000 vs 2.0000, NOT met" in lines
+    assert any(line.startswith("- greedy <= 1.10x AdamW: 1.200x, NOT met") for line in lines)
