@@ -96,7 +96,7 @@ class Shape:
 
 
 def model_shape(model: str, vocab_size: int | None = None) -> Shape:
-    from blockllm_scale.models import MODEL_SIZES
+    from blockllm_scale.launcher.models import MODEL_SIZES
 
     size = MODEL_SIZES[model]
     return Shape(size["hidden_size"], size["intermediate_size"], size["num_hidden_layers"],
@@ -104,7 +104,7 @@ def model_shape(model: str, vocab_size: int | None = None) -> Shape:
 
 
 def llama_tensors(shape: Shape) -> list[Tensor]:
-    """Name and shape of every parameter of the LlamaForCausalLM built by blockllm_scale.models."""
+    """Name and shape of every parameter of the LlamaForCausalLM built by blockllm_scale.launcher.models."""
     h, i = shape.hidden, shape.intermediate
     tensors = [Tensor("model.embed_tokens.weight", (shape.vocab, h), None)]
     for layer in range(shape.layers):
