@@ -130,11 +130,12 @@ class Setup:
     backend: str = "plain"
     world_size: int = 1
     steps: int = 8
-    sparsity: float = 0.9  # BlockLLM
-    states: str = "fp32"
+    # BlockLLM's settings: its defaults are BlockLLMConfig's, declared there once.
+    sparsity: float = BlockLLMConfig.sparsity
+    states: str = BlockLLMConfig.states
     embeddings: str = BlockLLMConfig.embeddings
-    strategy: str = "norm_over_visits"
-    step_in_backward: bool = False
+    strategy: str = BlockLLMConfig.strategy
+    step_in_backward: bool = BlockLLMConfig.step_in_backward
     checkpoint_scoring_steps: bool = True  # the launcher's default: scoring steps recompute activations
     rank: int = 128  # GaLore
     switch_block_every: int = 50  # BAdam
