@@ -45,7 +45,7 @@ ZeRO-2; ZeRO-3 keeps a full reduce bucket and the fp32 gradient partitions from 
 stage3.py allocates them); FSDP2 with bf16 as mixed precision (fp32 sharded parameters, gradients
 and moments, bf16 gathered layers and activations); FSDP2 holding two unsharded layers (and, on a scoring
 step, two layers' gradients in flight); step temporaries not divided over ranks (one GPU); torchao's
-and GaLore's step temporaries (sized to agree with ../shared/notes/gpu-measurements.md, not derived);
+and GaLore's step temporaries (sized to agree with the H100 measurements in benchmarks/results/, not derived);
 no CUDA-only workspaces (attention kernels: the H100's 1B batch-16 runs without checkpointing sit ~5%
 above the prediction) and no allocator fragmentation (that is the reserved memory).
 """
