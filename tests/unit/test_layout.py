@@ -4,6 +4,7 @@ launcher, no ``sys.path`` edits outside the tests, and nothing installed outside
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import tomllib
@@ -87,6 +88,24 @@ def test_everything_is_installed_under_blockllm_scale():
     assert all(p == "blockllm_scale" or p.startswith("blockllm_scale.") for p in setuptools["packages"])
     assert setuptools["package-dir"] == {"blockllm_scale.baselines": "baselines",
                                          "blockllm_scale.benchmarks": "benchmarks"}
+
+
+def test_a_checkout_on_the_path_imports_the_namespaced_folders_without_installing():
+    """The GPU scripts put the checkout on PYTHONPATH instead of installing it: blockllm_scale/baselines and
+    blockllm_scale/benchmarks are links to the folders beside the package, so the same names resolve there."""
+    for name in ("baselines", "benchmarks"):
+        link = PACKAGE / name
+        assert link.is_symlink() and link.resolve() == REPO / name
+    script = """
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]  # no installed finder
+import blockllm_scale.baselines, blockllm_scale.benchmarks.grid
+print(blockllm_scale.baselines.BASELINES["adamw"].__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "build_adamw"
 
 
 def test_the_core_dependencies_are_torch_numpy_tqdm():
