@@ -1,6 +1,5 @@
 """The CUDA-only baselines on a GPU (skipped without one): 8-bit GaLore, whole-model and per-layer."""
 
-import sys
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ on 2 cores): a tiny LLaMA whose runs take a second or two, and what they printed
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]

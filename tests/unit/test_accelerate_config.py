@@ -3,7 +3,6 @@ or in what `accelerate launch` passes to the processes) are one-line ConfigError
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ from blockllm_scale.launcher.backends.accelerate import (
     AccelerateBackend,
     check_config_file,
     fsdp_settings_from_env,
-    launched_by_accelerate,
     launching_config_file,
 )
+from blockllm_scale.integrations.accelerate import launched_by_accelerate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "accelerate"

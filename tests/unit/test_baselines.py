@@ -1,7 +1,6 @@
 """The baselines through the launcher's own train loop on CPU: each trains the tiny model, GaLore's
 param groups are the paper's, and the CUDA-only ones say so in one line."""
 
-import sys
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ launcher builds: recomputation changes nothing numerically, and it really happen
 
 import json
 import re
-import sys
 import types
 from pathlib import Path
 

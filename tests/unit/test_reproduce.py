@@ -5,7 +5,6 @@ time-budgeted launcher run stops with a checkpoint that --resume auto finishes e
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np

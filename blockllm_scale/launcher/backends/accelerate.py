@@ -34,7 +34,7 @@ from typing import Mapping
 
 from ...config import ConfigError
 from ...integrations.accelerate import flag as _flag
-from ...integrations.accelerate import launched_by_accelerate, launched_with_fsdp  # noqa: F401  (the launcher reads them here)
+from ...integrations.accelerate import launched_with_fsdp
 
 # Keys accelerate documents as FSDP1-only, with what replaces them under FSDP2.
 FSDP1_ONLY = {
