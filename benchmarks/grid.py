@@ -78,7 +78,7 @@ class RunSpec:
 
 def launcher_flags() -> dict[str, str]:
     """Every flag launch/pretrain.py accepts -> its type name ("int", "bool", ...)."""
-    from launch.pretrain import CONFIG_SECTIONS
+    from blockllm_scale.launcher.cli import CONFIG_SECTIONS
 
     return {f.name: str(f.type) for cls, skipped in CONFIG_SECTIONS.values()
             for f in dataclasses.fields(cls) if f.name not in skipped}
@@ -92,7 +92,7 @@ def one_gpu_key(key: str) -> str:
 def unavailable_reason(spec: RunSpec, known: dict[str, str], gpus_present: int | None = None) -> str | None:
     """Why this configuration cannot run in this checkout or on this machine (None: it can).
     gpus_present: the GPUs this machine has; None where processes run on the CPU (no limit)."""
-    from baselines import BASELINES
+    from blockllm_scale.baselines import BASELINES
 
     if gpus_present is not None and spec.gpus > gpus_present:
         return f"needs {spec.gpus} GPUs; this machine has {gpus_present}"
@@ -103,8 +103,8 @@ def unavailable_reason(spec: RunSpec, known: dict[str, str], gpus_present: int |
     if unknown:
         return f"the launcher has no --{unknown[0]}"
     if spec.backend.startswith("zero"):
-        if not (REPO / "blockllm_scale/integrations/deepspeed.py").is_file():
-            return "no DeepSpeed backend yet (blockllm_scale/integrations/deepspeed.py)"
+        if not (REPO / "blockllm_scale/integrations/deepspeed/engine.py").is_file():
+            return "no DeepSpeed backend yet (blockllm_scale/integrations/deepspeed/)"
         if not ds_config(spec.backend).is_file():
             return f"no {ds_config(spec.backend).relative_to(REPO)}"
         if importlib.util.find_spec("deepspeed") is None:
@@ -137,7 +137,7 @@ def ds_config_for(spec: RunSpec, out_dir: str) -> Path:
 def launcher_command(spec: RunSpec, out_dir: str, known: dict[str, str], device: str) -> tuple[list[str], list[str]]:
     """(argv, notes): the launcher process for ``spec``; notes say which optional flags were dropped.
     ZeRO runs get their DeepSpeed JSON written into ``out_dir`` (ds_config_for)."""
-    from blockllm_scale.models import MODEL_SIZES
+    from blockllm_scale.launcher.models import MODEL_SIZES
 
     script = str(REPO / "launch" / "pretrain.py")
     if spec.backend == "plain":

@@ -1,10 +1,10 @@
 """GPU memory and speed of BlockLLM and the baselines, one launcher process per configuration.
 
-    python benchmarks/memory.py --preset issue6-7b --time_budget 450 --mirror "$OUT"   # a <= 9 min slice
-    python benchmarks/memory.py --preset issue6-7b --list                               # what is done / left
+    python benchmarks/memory.py --preset 7b-1gpu-optimizers --time_budget 450 --mirror "$OUT"   # a <= 9 min slice
+    python benchmarks/memory.py --preset 7b-1gpu-optimizers --list                               # what is done / left
     python benchmarks/memory.py --name my-grid --optimizers adamw blockllm:sparsity=0.9 \\
         --models 60m 130m --backends plain zero2 --checkpointing off on --eight_bit off on --batch_sizes 8
-    python benchmarks/memory.py --preset issue8-scaling --only gpus2                    # the 2-GPU slice
+    python benchmarks/memory.py --preset 1b-7b-zero3-fsdp2-scaling --only gpus2                    # the 2-GPU slice
     python benchmarks/memory.py --preset cpu-smoke --device cpu --name smoke           # CPU, seconds
 
 Each configuration runs ``launch/pretrain.py`` (under ``torchrun`` for ZeRO / FSDP2) on synthetic tokens
@@ -39,13 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import environment, report  # noqa: E402
-from benchmarks.grid import (REPO, RunSpec, ds_config, grid, launcher_command, launcher_flags, select,  # noqa: E402
+from blockllm_scale.benchmarks import environment, report  # noqa: E402
+from blockllm_scale.benchmarks.grid import (REPO, RunSpec, ds_config, grid, launcher_command, launcher_flags, select,  # noqa: E402
                              unavailable_reason)
-from benchmarks.memory_model import Setup, predict  # noqa: E402
-from benchmarks.presets import PRESETS  # noqa: E402
+from blockllm_scale.benchmarks.memory_model import Setup, predict  # noqa: E402
+from blockllm_scale.benchmarks.presets import PRESETS  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 # Seconds a configuration is expected to take before any of that size has run (start-up, model

@@ -45,7 +45,7 @@ ZeRO-2; ZeRO-3 keeps a full reduce bucket and the fp32 gradient partitions from 
 stage3.py allocates them); FSDP2 with bf16 as mixed precision (fp32 sharded parameters, gradients
 and moments, bf16 gathered layers and activations); FSDP2 holding two unsharded layers (and, on a scoring
 step, two layers' gradients in flight); step temporaries not divided over ranks (one GPU); torchao's
-and GaLore's step temporaries (sized to agree with ../shared/notes/gpu-measurements.md, not derived);
+and GaLore's step temporaries (sized to agree with the H100 measurements in benchmarks/results/, not derived);
 no CUDA-only workspaces (attention kernels: the H100's 1B batch-16 runs without checkpointing sit ~5%
 above the prediction) and no allocator fragmentation (that is the reserved memory).
 """
@@ -96,7 +96,7 @@ class Shape:
 
 
 def model_shape(model: str, vocab_size: int | None = None) -> Shape:
-    from blockllm_scale.models import MODEL_SIZES
+    from blockllm_scale.launcher.models import MODEL_SIZES
 
     size = MODEL_SIZES[model]
     return Shape(size["hidden_size"], size["intermediate_size"], size["num_hidden_layers"],
@@ -104,7 +104,7 @@ def model_shape(model: str, vocab_size: int | None = None) -> Shape:
 
 
 def llama_tensors(shape: Shape) -> list[Tensor]:
-    """Name and shape of every parameter of the LlamaForCausalLM built by blockllm_scale.models."""
+    """Name and shape of every parameter of the LlamaForCausalLM built by blockllm_scale.launcher.models."""
     h, i = shape.hidden, shape.intermediate
     tensors = [Tensor("model.embed_tokens.weight", (shape.vocab, h), None)]
     for layer in range(shape.layers):
@@ -130,11 +130,12 @@ class Setup:
     backend: str = "plain"
     world_size: int = 1
     steps: int = 8
-    sparsity: float = 0.9  # BlockLLM
-    states: str = "fp32"
+    # BlockLLM's settings: its defaults are BlockLLMConfig's, declared there once.
+    sparsity: float = BlockLLMConfig.sparsity
+    states: str = BlockLLMConfig.states
     embeddings: str = BlockLLMConfig.embeddings
-    strategy: str = "norm_over_visits"
-    step_in_backward: bool = False
+    strategy: str = BlockLLMConfig.strategy
+    step_in_backward: bool = BlockLLMConfig.step_in_backward
     checkpoint_scoring_steps: bool = True  # the launcher's default: scoring steps recompute activations
     rank: int = 128  # GaLore
     switch_block_every: int = 50  # BAdam

@@ -1,4 +1,4 @@
-"""The named grids: the configurations issues 4, 5, 6 and 8 ask to measure, and CPU grids (smoke, dry run).
+"""The named grids, each named by the question it answers (model, backend, what is compared), and CPU grids.
 
 BlockLLM runs are long enough (200 steps, patience 50) to include a few reselections, whose scoring
 steps run backward through the whole model: the run-mean tokens/s counts them, the median does not.
@@ -30,7 +30,7 @@ def badam_shape_sparsity(model: str) -> float:
     return math.ceil((1 - layer / candidates) * 1e6) / 1e6
 
 
-def issue6_7b() -> list[RunSpec]:
+def llama7b_optimizers() -> list[RunSpec]:
     """LLaMA-7B, GaLore's config, batch 4, seq 256, checkpointing, pure bf16: every peer beside BlockLLM."""
     common = dict(model="7b", batch_size=4, checkpointing=True)
     s = badam_shape_sparsity("7b")
@@ -57,14 +57,14 @@ def issue6_7b() -> list[RunSpec]:
     ]
 
 
-def issue6_7b_cycle(every: int = 10, steps: int = 330, order: str = "descending") -> list[RunSpec]:
+def llama7b_blockllm_vs_badam(every: int = 10, steps: int = 330, order: str = "descending") -> list[RunSpec]:
     """BlockLLM at BAdam's shape against BAdam over a run long enough for both to visit many layers.
 
     In 200 steps with patience 50 BlockLLM picks 3-4 layers, the bottom ones (the largest gradient norms at
     initialisation), so those runs measure full-depth backwards only. Never-visited layers rank first, so over
     many reselections it goes through the layers as BAdam's cycle does. BlockLLM's patience and BAdam's switch
     interval are both ``every``; BlockLLM pays a scoring step per reselection. Default: patience 10 and 330
-    steps, ~30 reselections. ``issue6-7b-cycle-p50``: the default patience 50 over 1000 steps (~20 layers),
+    steps, ~30 reselections. ``7b-1gpu-blockllm-vs-badam-p50``: the default patience 50 over 1000 steps (~20 layers),
     against BAdam visiting layers in random order (a descending cycle cut at 20 layers would skip the deep ones).
     """
     common = dict(model="7b", batch_size=4, checkpointing=True, steps=steps)
@@ -78,7 +78,7 @@ def issue6_7b_cycle(every: int = 10, steps: int = 330, order: str = "descending"
     ]
 
 
-def issue6_1b() -> list[RunSpec]:
+def llama1b_blockllm_vs_adamw() -> list[RunSpec]:
     """LLaMA-1B, batch 16, no checkpointing: AdamW's peak against BlockLLM s = 0.9, with the scoring steps
     not checkpointed (measured first) and checkpointed (--checkpoint_scoring_steps, the scoring step's peak).
 
@@ -106,7 +106,7 @@ def issue6_1b() -> list[RunSpec]:
     ]
 
 
-def issue4_zero() -> list[RunSpec]:
+def zero123_blockllm_vs_adamw() -> list[RunSpec]:
     """130M and 1B under ZeRO-1/2/3, bf16, checkpointing: BlockLLM s = 0.5 and 0.9 against AdamW."""
     specs = []
     for model in ("130m", "1b"):
@@ -118,7 +118,7 @@ def issue4_zero() -> list[RunSpec]:
     return specs
 
 
-def issue5_fsdp2() -> list[RunSpec]:
+def fsdp2_blockllm_vs_adamw() -> list[RunSpec]:
     """1B under FSDP2, bf16, checkpointing: BlockLLM s = 0.9 (fp32 and torchao 8-bit states) against AdamW."""
     common = dict(model="1b", batch_size=16, checkpointing=True, backend="fsdp2")
     return [
@@ -142,7 +142,7 @@ def scaling(models: tuple[tuple[str, int], ...], gpu_counts, steps: int, blockll
                 flags=(("sparsity", "0.9"),) + blockllm_flags, **common))]
 
 
-def issue8_scaling() -> list[RunSpec]:
+def zero3_fsdp2_scaling() -> list[RunSpec]:
     """LLaMA-1B (batch 16 per GPU) and 7B (batch 4 per GPU), bf16, checkpointing, under ZeRO-3 and FSDP2 on
     1, 2, 4 and 8 GPUs: per-GPU peak, tokens/s per GPU and scaling efficiency."""
     specs = scaling((("1b", 16), ("7b", 4)), SCALING_GPUS, steps=10, blockllm_steps=BLOCKLLM_STEPS, checkpointing=True)
@@ -154,8 +154,8 @@ def issue8_scaling() -> list[RunSpec]:
     return specs
 
 
-def issue8_cpu_dryrun() -> list[RunSpec]:
-    """issue8-scaling's shape on the CPU with the tiny model, 1 and 2 processes: the scripts end to end
+def cpu_scaling_dryrun() -> list[RunSpec]:
+    """1b-7b-zero3-fsdp2-scaling's shape on the CPU with the tiny model, 1 and 2 processes: the scripts end to end
     (patience 2, so a reselection happens), not a measurement of scaling."""
     return scaling((("tiny", 2),), (1, 2), steps=6, blockllm_steps=6, blockllm_flags=(("patience", "2"),),
                    checkpointing=True, seq_len=64, dtype="fp32", warmup=2)
@@ -170,7 +170,13 @@ def cpu_smoke() -> list[RunSpec]:
     ]
 
 
-PRESETS = {"issue6-7b": issue6_7b, "issue6-7b-cycle": issue6_7b_cycle,
-           "issue6-7b-cycle-p50": lambda: issue6_7b_cycle(every=50, steps=1000, order="random"),
-           "issue6-1b": issue6_1b, "issue4-zero": issue4_zero, "issue5-fsdp2": issue5_fsdp2,
-           "issue8-scaling": issue8_scaling, "issue8-cpu-dryrun": issue8_cpu_dryrun, "cpu-smoke": cpu_smoke}
+# Named by the question each answers: <model(s)>-<backend>-<what is compared>; results/<name>.{json,md,png}.
+PRESETS = {"7b-1gpu-optimizers": llama7b_optimizers,
+           "7b-1gpu-blockllm-vs-badam-p10": llama7b_blockllm_vs_badam,
+           "7b-1gpu-blockllm-vs-badam-p50": lambda: llama7b_blockllm_vs_badam(every=50, steps=1000, order="random"),
+           "1b-1gpu-blockllm-vs-adamw": llama1b_blockllm_vs_adamw,
+           "130m-1b-zero123-blockllm-vs-adamw": zero123_blockllm_vs_adamw,
+           "1b-fsdp2-blockllm-vs-adamw": fsdp2_blockllm_vs_adamw,
+           "1b-7b-zero3-fsdp2-scaling": zero3_fsdp2_scaling,
+           "tiny-cpu-scaling-dryrun": cpu_scaling_dryrun,
+           "cpu-smoke": cpu_smoke}

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launch import pretrain  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 
 # Host calls that wait for the GPU: explicit synchronisations and the copies that .item() / .cpu() make.
 WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")

@@ -28,9 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-from benchmarks.reproduce import report, run  # noqa: E402  (the side-by-side runner and its run summaries)
-from benchmarks.reproduce.render import fmt  # noqa: E402
+from blockllm_scale.benchmarks.reproduce import report, run  # noqa: E402  (the side-by-side runner and its run summaries)
+from blockllm_scale.benchmarks.reproduce.render import fmt  # noqa: E402
 from blockllm_scale.config import PAPER_SETTINGS  # noqa: E402
 
 ADAMW = "--optimizer adamw --lr 1e-3"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blockllm_scale.models import MODEL_SIZES
+from blockllm_scale.launcher.models import MODEL_SIZES
 
 from .grid import one_gpu_key
 

@@ -31,11 +31,10 @@ import torch
 
 from . import selection as sel
 from .config import BlockLLMConfig, ConfigError
+from .interface import GuardedParamGroups, UpdateOwner
 from .parallel import average_grad_over_ranks, mean_over_ranks
 from .scoring import GradNormScorer
-from .states import build_adam, copy_hyperparameters, state_dtypes, state_numel
-
-_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+from .states import ADAM_KEYS, build_adam, copy_hyperparameters, state_dtypes, state_numel
 
 
 class BlockLLM(torch.optim.Optimizer):
@@ -63,8 +62,7 @@ class BlockLLM(torch.optim.Optimizer):
         self._block_of = {i: b for b, block in enumerate(self.blocks) for i in block.members}
         self._rng = random.Random(self.config.seed)
         self.scorer = GradNormScorer(reduce_grad=average_grad_over_ranks)
-        self.reduce_loss: Callable[[float], float] = mean_over_ranks
-        self.on_reselect: list[Callable[["BlockLLM"], None]] = []  # backends rebuild engines here
+        self._reduce_loss: Callable[[float], float] = mean_over_ranks
         self._inner: torch.optim.Optimizer | None = None
         self._inner_sources: list[tuple[int, int]] = []  # per inner group: (outer group index, selected-at step)
         # weight_update="fp32_master": flat index -> fp32 copy of a trained low-precision tensor, which the
@@ -77,15 +75,13 @@ class BlockLLM(torch.optim.Optimizer):
         self._scored: list[int] = []  # flat indices of the tensors the scorer is measuring
         self._pending_losses: list[torch.Tensor | float] = []
         self._warned_no_loss = False
-        # Set by delegate_update: returns the optimizer a backend (DeepSpeed) steps for us.
-        self._delegate: Callable[[], torch.optim.Optimizer | None] | None = None
+        # Set by hand_over_update: the backend (DeepSpeed) that steps the trained blocks for us.
+        self._owner: UpdateOwner | None = None
         self._choose_initial_blocks()
 
     def _refuse_direct_deepspeed(self) -> None:
         """Make ``deepspeed.initialize(optimizer=BlockLLM(...))`` a one-line error inside that call (no
-        per-step cost): see ``GuardedParamGroups``. The module imports no deepspeed."""
-        from .integrations.deepspeed import GuardedParamGroups
-
+        per-step cost): see ``interface.GuardedParamGroups``. Nothing here imports deepspeed."""
         self.param_groups = GuardedParamGroups(self.param_groups)
 
     # ----- what is trained ------------------------------------------------------------------
@@ -156,16 +152,23 @@ class BlockLLM(torch.optim.Optimizer):
         trained = self._trained_indices()
         return sel.lowest_trained_layer([n for i, n in enumerate(self._names) if i in trained])
 
-    def _adam_optimizers(self) -> list[torch.optim.Optimizer]:
-        delegated = self._delegate() if self._delegate is not None else None
+    def adam_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers holding the live Adam state of the trained blocks: BlockLLM's own AdamW(s), or the
+        one a backend steps after ``hand_over_update``."""
+        delegated = self._owner.live_optimizer() if self._owner is not None else None
         return list(self._per_tensor.values()) + [o for o in (self._inner, delegated) if o is not None]
+
+    def observe_gradient(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """On a scoring step, record a trained parameter's gradient as a backend holds it (DeepSpeed keeps
+        them in its own partitions and clears them in its step, before ``step()`` reads them)."""
+        self.scorer.observe(param, grad)
 
     def state_numel(self) -> int:
         """Elements in Adam moment tensors right now (only the trained blocks have any)."""
-        return sum(state_numel(o) for o in self._adam_optimizers())
+        return sum(state_numel(o) for o in self.adam_optimizers())
 
     def state_dtypes(self) -> set[str]:
-        return set().union(*(state_dtypes(o) for o in self._adam_optimizers()))
+        return set().union(*(state_dtypes(o) for o in self.adam_optimizers()))
 
     def rebind_parameters(self) -> None:
         """Pick up tensors that a wrapper put into ``param_groups`` in place of the originals.
@@ -174,23 +177,25 @@ class BlockLLM(torch.optim.Optimizer):
         DTensors; the inner AdamW and the scorer's hooks still point at the old tensors until this
         re-applies the selection to the new ones. Call it after the swap, before the first step.
         """
-        if any(o.state for o in self._adam_optimizers()):
+        if any(o.state for o in self.adam_optimizers()):
             raise RuntimeError("BlockLLM.rebind_parameters() after a step would drop the Adam state; call it before training")
         self._apply_selection(carry_state=False)
 
-    def delegate_update(self, live_optimizer: Callable[[], torch.optim.Optimizer | None]) -> None:
+    def hand_over_update(self, owner: UpdateOwner) -> None:
         """Let a backend own the Adam update of the trained blocks (DeepSpeed's ZeRO optimizers must).
 
-        From then on ``step()`` only keeps the selection bookkeeping (visits, losses, scoring,
-        reselection and the ``on_reselect`` callbacks) and BlockLLM builds no AdamW of its own: the
-        backend builds one over ``trained_named_parameters()`` whenever the selection changes and
-        steps it. ``live_optimizer`` returns the optimizer the backend steps now, so ``state_numel``
-        and ``state_dtypes`` keep measuring the live state.
+        From then on ``step()`` only keeps the selection bookkeeping (visits, losses, scoring and
+        reselection) and BlockLLM builds no AdamW of its own: after every block switch it calls
+        ``owner.selection_changed()``, and the owner builds an optimizer over
+        ``trained_named_parameters()`` and steps it. ``owner.live_optimizer()`` is that optimizer, so
+        ``state_numel`` and ``state_dtypes`` keep measuring the live state. Call it once, before training.
         """
         if self.config.variant == "masked" or self.config.step_in_backward:
             raise ConfigError("variant='masked' and step_in_backward need BlockLLM to step itself; "
                               "a backend that owns the update (DeepSpeed) supports neither")
-        self._delegate = live_optimizer
+        if self._owner is not None:
+            raise RuntimeError("BlockLLM.hand_over_update: the update already belongs to a backend")
+        self._owner = owner
         self._inner, self._inner_sources, self._masters = None, [], {}  # the backend keeps its own masters
 
     # ----- selection --------------------------------------------------------------------------
@@ -225,8 +230,8 @@ class BlockLLM(torch.optim.Optimizer):
         self.selection.selected = blocks
         self.selection.reselections += 1
         self._apply_selection()
-        for callback in self.on_reselect:
-            callback(self)
+        if self._owner is not None:
+            self._owner.selection_changed()
 
     def _apply_selection(self, carry_state: bool = True) -> None:
         """Set requires_grad, free gradients of frozen tensors, rebuild the AdamW of the trained ones."""
@@ -245,8 +250,8 @@ class BlockLLM(torch.optim.Optimizer):
             self.scorer.start([params[i] for i in self._scored], [i in trained for i in self._scored])
 
     def _rebuild_inner(self, trained: set[int], carry_state: bool) -> None:
-        if self._delegate is not None:
-            return  # the backend rebuilds its optimizer in an on_reselect callback
+        if self._owner is not None:
+            return  # the backend rebuilds its optimizer in selection_changed()
         self._sync_masters(trained, carry_state)
         if self.config.step_in_backward:
             self._rebuild_per_tensor(trained, carry_state)
@@ -258,7 +263,7 @@ class BlockLLM(torch.optim.Optimizer):
         for i in sorted(trained):
             grouped.setdefault((sources[i], self._selected_at(i)), []).append(self._stepped(i))
         self._inner_sources = list(grouped)
-        groups = [{**{k: self.param_groups[source][k] for k in _HYPERPARAMETERS}, "params": tensors}
+        groups = [{**{k: self.param_groups[source][k] for k in ADAM_KEYS}, "params": tensors}
                   for (source, _), tensors in grouped.items()]
         self._inner = self._build_adam(groups) if groups else None
         if carry_state and old is not None and self._inner is not None:
@@ -334,7 +339,7 @@ class BlockLLM(torch.optim.Optimizer):
         for i in sorted(trained):
             group = self.param_groups[sources[i]]
             self._per_tensor[i] = old.get(i) or self._build_adam(
-                [{**{k: group[k] for k in _HYPERPARAMETERS}, "params": [self._stepped(i)]}])
+                [{**{k: group[k] for k in ADAM_KEYS}, "params": [self._stepped(i)]}])
             self._step_hooks.append(params[i].register_post_accumulate_grad_hook(self._backward_stepper(i, group)))
 
     def _backward_stepper(self, index: int, group: dict):
@@ -346,7 +351,7 @@ class BlockLLM(torch.optim.Optimizer):
                 self.scorer.observe(param, param.grad)
             # read at every step, so LR schedulers reach it
             factor = self._lr_factor(self._selected_at(index))
-            copy_hyperparameters({**group, "lr": group["lr"] * factor}, optimizer.param_groups[0], _HYPERPARAMETERS)
+            copy_hyperparameters({**group, "lr": group["lr"] * factor}, optimizer.param_groups[0], ADAM_KEYS)
             self._grads_to_masters([index])
             optimizer.step()
             self._masters_to_weights([index])
@@ -391,7 +396,7 @@ class BlockLLM(torch.optim.Optimizer):
         for inner_group, (source, selected_at) in zip(self._inner.param_groups, self._inner_sources):
             outer = self.param_groups[source]
             scaled = {**outer, "lr": outer["lr"] * self._lr_factor(selected_at)}
-            copy_hyperparameters(scaled, inner_group, _HYPERPARAMETERS)
+            copy_hyperparameters(scaled, inner_group, ADAM_KEYS)
         trained = sorted(self._trained_indices())
         if self.config.variant == "masked":
             self._draw_fresh_masks()
@@ -451,7 +456,7 @@ class BlockLLM(torch.optim.Optimizer):
         losses = [next(values) if torch.is_tensor(x) else x for x in self._pending_losses]
         loss = sum(losses) / len(losses)
         self._pending_losses = []
-        return self.reduce_loss(loss)
+        return self._reduce_loss(loss)
 
     # ----- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,10 @@ try:
 except ImportError:  # torch built without distributed support
     DTensor = ()
 
+# The AdamW hyperparameters every param group carries, copied from BlockLLM's groups into the optimizers that
+# hold the trained blocks (BlockLLM's own, or a backend's).
+ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+
 
 def build_adam(states: str, param_groups: list[dict[str, Any]], stochastic_rounding: bool = False) -> torch.optim.Optimizer:
     """An AdamW over ``param_groups`` whose moments are stored as ``states`` says.

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = REPO / ".data" / "reproduce"

@@ -33,10 +33,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks import environment  # noqa: E402  (versions, commit, GPU name: shared with the memory suite)
-from benchmarks.reproduce import render, report  # noqa: E402
-from benchmarks.reproduce.render import ABLATIONS, FIGURE4, TABLE3, TABLE3_PPL  # noqa: E402
+from blockllm_scale.benchmarks import environment  # noqa: E402  (versions, commit, GPU name: shared with the memory suite)
+from blockllm_scale.benchmarks.reproduce import render, report  # noqa: E402
+from blockllm_scale.benchmarks.reproduce.render import ABLATIONS, FIGURE4, TABLE3, TABLE3_PPL  # noqa: E402
 from blockllm_scale.config import PAPER_SETTINGS  # noqa: E402
 
 COMMANDS = ("table3-memory", "table3-ppl", "figure4", "ablations", "all", "report")
@@ -284,7 +283,7 @@ def finished(entry: Active, plan: Plan, deadline: float | None) -> bool:
 
 
 def _run_in_process(argv: list[str]) -> int:
-    from launch import pretrain
+    from blockllm_scale.launcher import train as pretrain
 
     os.environ["TQDM_DISABLE"] = "1"
     try:

@@ -1,37 +1,9 @@
-"""Parallelism backends behind one small interface, one module each.
+"""BlockLLM under a parallel backend, in your own training loop: one module per backend.
 
-The train loop (``launch/pretrain.py``) only ever talks to a :class:`Backend`:
-
-    model, optimizer, scheduler = backend.prepare(model, optimizer, scheduler)
-    loss = backend.forward(model, input_ids)          # mean loss of this rank's micro-batch
-    backend.backward(loss, accumulation_steps)       # once per micro-batch
-    backend.step()                                   # once per optimizer step
-    backend.save(directory, client_state) / client_state = backend.load(directory)
-
-``plain``: one process (CPU or one GPU). ``deepspeed``: DeepSpeed ZeRO-0..3. ``fsdp2``: torch
-``fully_shard``. ``accelerate``: whatever plugin ``accelerate launch`` configured.
+``deepspeed``: ``initialize`` (DeepSpeed ZeRO-0..3, an engine rebuilt at each block switch). ``fsdp2``:
+``shard_model`` and distributed checkpoints (torch ``fully_shard``). ``hf``: ``BlockLLMTrainer`` (the Hugging
+Face Trainer). ``accelerate``: what ``accelerate launch`` tells a process. Each talks to BlockLLM through the
+interface in ``blockllm_scale/interface.py`` only; the core never imports these modules. Each needs its
+extra (``pip install "blockllm-scale[deepspeed]"``, ``[fsdp]``, ``[hf]``). The launcher's backends
+(``launch/pretrain.py``) are built on these in ``blockllm_scale.launcher.backends``.
 """
-
-from __future__ import annotations
-
-from typing import Any, Protocol
-
-import torch
-
-
-class Backend(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def prepare(self, model, optimizer, scheduler) -> tuple[Any, Any, Any]: ...
-
-    def forward(self, model, input_ids: torch.Tensor) -> torch.Tensor: ...
-
-    def backward(self, loss: torch.Tensor, accumulation_steps: int) -> None: ...
-
-    def step(self) -> None: ...
-
-    def save(self, directory: str, client_state: dict) -> None: ...
-
-    def load(self, directory: str) -> dict: ...

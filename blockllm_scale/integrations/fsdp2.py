@@ -36,7 +36,6 @@ the parameters trainable *then*; a layer frozen at that moment and trained later
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -55,9 +54,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..config import ConfigError
 from ..optim import BlockLLM
-from .plain import PlainBackend
 
 
 def init_mesh(device_type: str | None = None) -> DeviceMesh:
@@ -94,11 +91,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     for layer in decoder_layers(model, layer_classes):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    _lazy_init_all_trainable(model, example_inputs, torch.device(mesh.device_type, _local_device_index(mesh)))
+    _lazy_init_all_trainable(model, example_inputs, torch.device(mesh.device_type, local_device_index(mesh)))
     return model
 
 
-def _local_device_index(mesh: DeviceMesh) -> int | None:
+def local_device_index(mesh: DeviceMesh) -> int | None:
     return torch.cuda.current_device() if mesh.device_type == "cuda" else None
 
 
@@ -127,7 +124,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, names_before: dict[int, s
     sharded = dict(model.named_parameters())
     for group in optimizer.param_groups:
         group["params"] = [sharded[names_before[id(p)]] for p in group["params"]]
-    if isinstance(optimizer, BlockLLM):
+    if _blockllm(optimizer) is not None:
         optimizer.rebind_parameters()
 
 
@@ -139,7 +136,7 @@ def unquantized_states(optimizer: BlockLLM) -> list[str]:
     """
     found = []
     for name, param in optimizer.trained_named_parameters():
-        for adam in optimizer._adam_optimizers():
+        for adam in optimizer.adam_optimizers():
             moment = adam.state.get(param, {}).get("exp_avg")
             if moment is not None:
                 local = moment.to_local() if isinstance(moment, DTensor) else moment
@@ -152,9 +149,15 @@ def _trainer_file(directory: Path, rank: int) -> Path:
     return Path(directory) / f"trainer_rank{rank}.pt"
 
 
+def _blockllm(optimizer: torch.optim.Optimizer) -> BlockLLM | None:
+    """The optimizer if it is a BlockLLM (whose Adam state lives in inner optimizers), else None."""
+    return optimizer if isinstance(optimizer, BlockLLM) else None
+
+
 def _adams_of(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
     """The optimizers whose tensors go into the distributed checkpoint: BlockLLM's inner AdamW(s)."""
-    return optimizer._adam_optimizers() if isinstance(optimizer, BlockLLM) else [optimizer]
+    blockllm = _blockllm(optimizer)
+    return blockllm.adam_optimizers() if blockllm is not None else [optimizer]
 
 
 def _selection_state(optimizer: BlockLLM) -> dict:
@@ -173,7 +176,7 @@ def save_dcp(directory: str | Path, model: nn.Module, optimizer: torch.optim.Opt
         state["optim"] = get_optimizer_state_dict(model, adams)
         _drop_placeholder_state(stateless, model, state["optim"])
     dcp.save(state, checkpoint_id=str(directory / "dcp"))
-    if isinstance(optimizer, BlockLLM):
+    if _blockllm(optimizer) is not None:
         extra = {**extra, "blockllm": _selection_state(optimizer)}
     torch.save(extra, _trainer_file(directory, dist.get_rank()))
 
@@ -183,7 +186,7 @@ def load_dcp(directory: str | Path, model: nn.Module, optimizer: torch.optim.Opt
     inner AdamW already holds the selected block when its shards are read."""
     directory = Path(directory)
     extra = torch.load(_trainer_file(directory, dist.get_rank()), weights_only=False)
-    if isinstance(optimizer, BlockLLM):
+    if _blockllm(optimizer) is not None:
         optimizer.load_state_dict({**extra.pop("blockllm"), "inner": None, "per_tensor": {}})
     state = {"model": get_model_state_dict(model)}
     adams = _adams_of(optimizer)
@@ -218,68 +221,3 @@ def _saved_entries_only(optim_state: dict, checkpoint: Path) -> dict:
     optim_state["state"] = {fqn: entry for fqn, entry in optim_state["state"].items()
                             if all(f"optim.state.{fqn}.{key}" in saved for key in entry)}
     return optim_state
-
-
-class FSDP2Backend(PlainBackend):
-    """``--backend fsdp2`` under torchrun: the train loop's :class:`~blockllm_scale.integrations.Backend`.
-
-    Forward and backward are the plain backend's: every micro-batch is reduce-scattered (no
-    no_sync), since during a scoring step unsynced micro-batches would hold every layer's
-    unsharded gradient until the last one.
-
-    ``--dtype bf16`` means FSDP2 mixed precision: fp32 sharded master weights and Adam state, bf16
-    all-gathered weights and compute, gradients reduced in fp32.
-    """
-
-    def __init__(self, train, mesh: DeviceMesh | None = None, reshard_after_forward: bool = True,
-                 layer_classes: Iterable[str] | None = None):
-        self.train = train
-        self.mesh = mesh or init_mesh()
-        self.reshard_after_forward, self.layer_classes = reshard_after_forward, layer_classes
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device(self.mesh.device_type, _local_device_index(self.mesh) or 0) \
-            if self.mesh.device_type == "cuda" else torch.device("cpu")
-        self.model = self.optimizer = self.scheduler = None
-        self._reported_fp32: set[str] = set()
-
-    def mixed_precision(self) -> MixedPrecisionPolicy:
-        if self.train.dtype == "bf16":
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        return MixedPrecisionPolicy()
-
-    def prepare(self, model, optimizer, scheduler):
-        if isinstance(optimizer, BlockLLM) and optimizer.config.variant == "masked":
-            raise ConfigError("variant=masked is not supported under FSDP2 (its masks need whole gradients); use approximate")
-        if isinstance(optimizer, BlockLLM) and optimizer.config.states == "bnb_8bit":
-            raise ConfigError("states=bnb_8bit does not work on FSDP2's DTensors; use states=torchao_8bit")
-        names_before = {id(p): n for n, p in model.named_parameters()}
-        if self.train.dtype == "bf16":
-            model.float()  # fp32 master weights; the policy casts to bf16 for compute
-        model = shard_model(model, self.mesh, self.mixed_precision(), self.reshard_after_forward,
-                            layer_classes=self.layer_classes)
-        rebind_optimizer(optimizer, names_before, model)
-        if isinstance(optimizer, BlockLLM):
-            optimizer.scorer.reduce_grad = None  # FSDP2 already averaged the gradients
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        return model, optimizer, scheduler
-
-    def step(self) -> None:
-        super().step()
-        if isinstance(self.optimizer, BlockLLM) and self.optimizer.config.states == "torchao_8bit":
-            self._check_8bit_states()
-
-    def _check_8bit_states(self) -> None:
-        """Say once, on rank 0, which trained tensors have fp32 instead of 8-bit moments."""
-        fallback = set(unquantized_states(self.optimizer)) - self._reported_fp32
-        if fallback and self.rank == 0:
-            warnings.warn(f"torchao_8bit: {len(fallback)} trained tensor(s) keep fp32 Adam state (local shard "
-                          f"< 4096 elements or not a multiple of 256), e.g. {sorted(fallback)[0]}", stacklevel=2)
-        self._reported_fp32 |= fallback
-
-    def save(self, directory: str | Path, client_state: dict) -> None:
-        save_dcp(directory, self.model, self.optimizer, {"scheduler": self.scheduler.state_dict(), **client_state})
-
-    def load(self, directory: str | Path) -> dict:
-        extra = load_dcp(directory, self.model, self.optimizer)
-        self.scheduler.load_state_dict(extra.pop("scheduler"))
-        return extra

@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 from blockllm_scale import BlockLLM
 from blockllm_scale.integrations import deepspeed as bds
-from blockllm_scale.models import llama_config
+from blockllm_scale.launcher.models import llama_config
 
 STAGES = (0, 1, 2, 3)
 SETTINGS = dict(lr=1e-2, sparsity=0.5, patience=1, seed=0)

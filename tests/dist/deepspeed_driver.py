@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch"))
 sys.path.insert(0, str(REPO / "tests" / "dist"))
-import pretrain  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 from blockllm_scale import BlockLLM  # noqa: E402
 from deepspeed_cases import (ACCUM, ACCUM_RUNS, ALWAYS, BF16_RUNS, CANDIDATE, COMMON, FP32_RUNS,  # noqa: E402
                              PER_RANK_BATCH, RESUMED)
 from blockllm_scale.integrations import deepspeed as bds  # noqa: E402
-from blockllm_scale.models import llama_config  # noqa: E402
+from blockllm_scale.launcher.backends.deepspeed import DeepSpeedBackend  # noqa: E402
+from blockllm_scale.launcher.models import llama_config  # noqa: E402
 
 class CheckedEngine(bds.BlockLLMEngine):
     """Records, right after every DeepSpeed update, what this rank holds for the selected blocks."""
@@ -49,7 +49,7 @@ class CheckedEngine(bds.BlockLLMEngine):
         self.log.append(report)
 
 
-class CheckedBackend(bds.DeepSpeedBackend):
+class CheckedBackend(DeepSpeedBackend):
     engine_type = CheckedEngine
 
 

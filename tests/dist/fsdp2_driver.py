@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch"))
-import pretrain  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 from blockllm_scale import BlockLLM  # noqa: E402
-from blockllm_scale.integrations.fsdp2 import FSDP2Backend  # noqa: E402
+from blockllm_scale.launcher.backends.fsdp2 import FSDP2Backend  # noqa: E402
 
 # Half the parameters frozen, patience 1 (a reselection every other step, whatever the losses):
 # the initial choice plus several switches in 10 steps.

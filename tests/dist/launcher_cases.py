@@ -17,8 +17,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch"))
-import pretrain  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 
 
 def run_case(argv: list[str]) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from launch_utils import (PRETRAIN, REPO, cpu_env, deepspeed_launch, failure_report, metrics, rank_results, torchrun,
                           unlisted_files)
 
-from blockllm_scale.checkpoint import manifest_problem, step_dirs
+from blockllm_scale.launcher.checkpoint import manifest_problem, step_dirs
 
 from deepspeed_cases import ACCUM_RUNS, BF16_RUNS, FP32_RUNS, RESUMED
 

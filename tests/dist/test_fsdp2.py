@@ -11,7 +11,7 @@ import pytest
 
 from launch_utils import REPO, failure_report, metrics, torchrun, unlisted_files
 
-from blockllm_scale.checkpoint import manifest_problem, step_dirs
+from blockllm_scale.launcher.checkpoint import manifest_problem, step_dirs
 
 WORLD = 2
 

@@ -1,14 +1,12 @@
 """The CUDA-only baselines on a GPU (skipped without one): 8-bit GaLore, whole-model and per-layer."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from launch import pretrain  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,8 +20,8 @@ def test_8bit_galore_trains_the_tiny_model_on_cuda(name, tmp_path):
 
 
 def test_layerwise_galore_leaves_no_gradient_after_backward():
-    from baselines import BASELINES
-    from blockllm_scale.models import build_model
+    from blockllm_scale.baselines import BASELINES
+    from blockllm_scale.launcher.models import build_model
 
     model = build_model("tiny", dtype=torch.bfloat16).cuda()
     optimizer = BASELINES["galore8bit_layerwise"](model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)

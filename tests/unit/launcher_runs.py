@@ -4,12 +4,10 @@ on 2 cores): a tiny LLaMA whose runs take a second or two, and what they printed
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from launch import pretrain  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 
 # Patience 1 with half the parameters frozen: reselections within a few steps.
 TINY = ["--model", "tiny", "--batch_size", "2", "--seq_len", "32", "--lr", "3e-3", "--sparsity", "0.5",

@@ -3,25 +3,23 @@ or in what `accelerate launch` passes to the processes) are one-line ConfigError
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from blockllm_scale.config import ConfigError
-from blockllm_scale.integrations import accelerate as integration
-from blockllm_scale.integrations.accelerate import (
+from blockllm_scale.launcher.backends import accelerate as integration
+from blockllm_scale.launcher.backends.accelerate import (
     AccelerateBackend,
     check_config_file,
     fsdp_settings_from_env,
-    launched_by_accelerate,
     launching_config_file,
 )
+from blockllm_scale.integrations.accelerate import launched_by_accelerate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "accelerate"
-sys.path.insert(0, str(REPO / "launch"))
 
 
 @pytest.mark.parametrize("name", ["fsdp2.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
@@ -88,7 +86,7 @@ def test_launcher_defaults_are_not_mistaken_for_settings():
     ({**FSDP1_ENV, "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "fp16"}, "mixed_precision"),
 ])
 def test_environment_mistakes_stop_before_any_process_group(env, names):
-    import pretrain
+    from blockllm_scale.launcher import train as pretrain
 
     train = pretrain.TrainConfig()
     with pytest.raises(ConfigError, match=names):
@@ -96,7 +94,7 @@ def test_environment_mistakes_stop_before_any_process_group(env, names):
 
 
 def test_pretrain_prints_one_line_under_accelerate(monkeypatch, tmp_path, capsys):
-    import pretrain
+    from blockllm_scale.launcher import train as pretrain
 
     for key, value in FSDP1_ENV.items():
         monkeypatch.setenv(key, value)
@@ -154,7 +152,7 @@ def test_the_known_keys_are_the_ones_the_installed_accelerate_reads():
 
 
 def test_the_launcher_checks_the_file_accelerate_launch_was_given(tmp_path):
-    import pretrain
+    from blockllm_scale.launcher import train as pretrain
 
     path = write_config(tmp_path, "fsdp2.yaml", lambda c: c["fsdp_config"].__setitem__("fsdp_reshard_after_foward", 1))
     env = {**FSDP1_ENV, "FSDP_VERSION": "2"}

@@ -1,20 +1,18 @@
 """The baselines through the launcher's own train loop on CPU: each trains the tiny model, GaLore's
 param groups are the paper's, and the CUDA-only ones say so in one line."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from baselines import BASELINES  # noqa: E402
-from baselines.galore import GaloreConfig, galore_param_groups  # noqa: E402
-from baselines.in_backward import StepInBackward  # noqa: E402
+from blockllm_scale.baselines import BASELINES  # noqa: E402
+from blockllm_scale.baselines.galore import GaloreConfig, galore_param_groups  # noqa: E402
+from blockllm_scale.baselines.in_backward import StepInBackward  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
-from blockllm_scale.models import build_model  # noqa: E402
-from launch import pretrain  # noqa: E402
+from blockllm_scale.launcher.models import build_model  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 
 TINY = ["--model", "tiny", "--steps", "3", "--batch_size", "4", "--seq_len", "32", "--eval_every", "0",
         "--lr", "1e-2", "--device", "cpu"]

@@ -9,15 +9,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from benchmarks import memory  # noqa: E402
-from benchmarks import report  # noqa: E402
-from benchmarks.grid import RunSpec, grid, launcher_command, one_gpu_key, select, unavailable_reason  # noqa: E402
-from benchmarks.memory_model import Setup, activation_bytes, llama_tensors, model_shape, predict, state_bytes  # noqa: E402
-from benchmarks.presets import PRESETS, badam_shape_sparsity  # noqa: E402
-from blockllm_scale import models  # noqa: E402
+from blockllm_scale.benchmarks import memory  # noqa: E402
+from blockllm_scale.benchmarks import report  # noqa: E402
+from blockllm_scale.benchmarks.grid import RunSpec, grid, launcher_command, one_gpu_key, select, unavailable_reason  # noqa: E402
+from blockllm_scale.benchmarks.memory_model import Setup, activation_bytes, llama_tensors, model_shape, predict, state_bytes  # noqa: E402
+from blockllm_scale.benchmarks.presets import PRESETS, badam_shape_sparsity  # noqa: E402
+from blockllm_scale.launcher import models  # noqa: E402
 from blockllm_scale.config import ConfigError  # noqa: E402
-from blockllm_scale.data import DataConfig, build_datasets, model_vocab_size  # noqa: E402
+from blockllm_scale.launcher.data import DataConfig, build_datasets, model_vocab_size  # noqa: E402
 from blockllm_scale.selection import selection_budget  # noqa: E402
 
 N_7B = 6_738_415_616  # LLaMA-7B: 32 x (4 h^2 + 3 h i + 2 h) + 2 V h + h, h 4096, i 11008, V 32000
@@ -93,7 +92,7 @@ def test_checkpointed_scoring_steps_use_the_checkpointed_activations():
     # With checkpointing on the flag changes nothing.
     assert predict(Setup.from_flags(**flags, checkpointing=True, checkpoint_scoring_steps="false")) == checkpointed
     # The issue-6 1B configurations measured before the flag existed say what they measured.
-    for spec in PRESETS["issue6-1b"]():
+    for spec in PRESETS["1b-1gpu-blockllm-vs-adamw"]():
         if spec.optimizer == "blockllm":
             expected = "true" if spec.label.endswith("ckpt-scoring") else "false"
             assert dict(spec.flags)["checkpoint_scoring_steps"] == expected, spec.label
@@ -198,7 +197,7 @@ def test_grid_eight_bit_axis_and_only_filter():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_command_is_one_the_launcher_accepts(preset, tmp_path):
-    from launch import pretrain
+    from blockllm_scale.launcher import train as pretrain
 
     known = memory.launcher_flags()
     for spec in PRESETS[preset]():
@@ -349,7 +348,7 @@ def test_scaling_efficiency_from_two_results(tmp_path):
 
 
 def test_scaling_presets_build():
-    specs = PRESETS["issue8-scaling"]()
+    specs = PRESETS["1b-7b-zero3-fsdp2-scaling"]()
     assert len(specs) == 2 * 2 * 2 * 4 + 2 * 4 and len({s.key for s in specs}) == len(specs)
     assert {(s.model, s.batch_size) for s in specs} == {("1b", 16), ("7b", 4)} and {s.gpus for s in specs} == {1, 2, 4, 8}
     assert {s.backend for s in specs} == {"zero3", "fsdp2"} and all(s.checkpointing and s.dtype == "bf16" for s in specs)
@@ -358,7 +357,7 @@ def test_scaling_presets_build():
     eight_bit = {(s.backend, dict(s.flags).get("states")) for s in blockllm if s.model == "7b" and "states" in dict(s.flags)}
     assert eight_bit == {("zero3", "bnb_8bit"), ("fsdp2", "torchao_8bit")}
     assert len(select(specs, ["gpus2"])) == 10 and len(select(specs, ["gpus1"])) == 10
-    dry = PRESETS["issue8-cpu-dryrun"]()
+    dry = PRESETS["tiny-cpu-scaling-dryrun"]()
     assert len(dry) == 8 and {s.gpus for s in dry} == {1, 2} and {s.backend for s in dry} == {"zero3", "fsdp2"}
     assert all(s.model == "tiny" and s.dtype == "fp32" and s.batch_size == 2 and s.seq_len == 64 for s in dry)
     assert all(int(dict(s.flags)["patience"]) < s.steps for s in dry if s.optimizer == "blockllm")
@@ -395,7 +394,7 @@ def test_zero12_step_phase_follows_deepspeeds_group_at_a_time_step():
 def test_peak_breakdown_replays_the_trace_to_the_peak():
     """A hand-made allocation trace: the peak is the largest live total (frees counted when requested),
     and the live tensors are grouped by their innermost frame in this repo or a library."""
-    from benchmarks.peak_breakdown import breakdown
+    from blockllm_scale.benchmarks.peak_breakdown import breakdown
 
     def frames(*files):
         return [{"filename": f, "line": 1, "name": "f"} for f in files]
@@ -443,7 +442,7 @@ def test_a_rerun_replaces_its_result_in_place_and_keeps_the_old_one(tmp_path):
 
 def test_git_commit_given_by_the_caller_wins(monkeypatch):
     # The GPU machine's copy of the tree may carry a stale .git: the hash passed in must be what is recorded.
-    from benchmarks import environment
+    from blockllm_scale.benchmarks import environment
 
     monkeypatch.setenv("GIT_COMMIT", "0123abc")
     assert environment.git_commit() == "0123abc"
@@ -452,7 +451,7 @@ def test_git_commit_given_by_the_caller_wins(monkeypatch):
 
 
 def test_merged_length_counts_overlaps_once():
-    from benchmarks.profile_steps import merged_length
+    from blockllm_scale.benchmarks.profile_steps import merged_length
 
     assert merged_length([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == 4
     assert merged_length([]) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from launcher_runs import TINY, metrics, run_main
 
-from blockllm_scale.checkpoint import (manifest_problem, prune_checkpoints, resolve_resume, save_checkpoint,
+from blockllm_scale.launcher.checkpoint import (manifest_problem, prune_checkpoints, resolve_resume, save_checkpoint,
                                        set_aside_later_checkpoints, step_dirs)
 from blockllm_scale.config import ConfigError
 

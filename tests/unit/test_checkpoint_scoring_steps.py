@@ -7,7 +7,6 @@ launcher builds: recomputation changes nothing numerically, and it really happen
 
 import json
 import re
-import sys
 import types
 from pathlib import Path
 
@@ -15,9 +14,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from launch import pretrain  # noqa: E402
-from blockllm_scale import metrics as metrics_module  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
+from blockllm_scale.launcher import metrics as metrics_module  # noqa: E402
 
 # Patience 2 with half the parameters frozen: several reselections (each one a scoring step) in 8 steps.
 COMMON = ["--model", "tiny", "--steps", "8", "--batch_size", "2", "--grad_accum", "2", "--seq_len", "32",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from launcher_runs import TINY, one_error_line, run_main
 
-from blockllm_scale.data import (
+from blockllm_scale.launcher.data import (
     SHIPPED_CORPUS,
     DataConfig,
     PackedStream,

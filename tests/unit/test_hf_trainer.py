@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from blockllm_scale.data import DataConfig, build_datasets
+from blockllm_scale.launcher.data import DataConfig, build_datasets
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
-from blockllm_scale.models import build_model
+from blockllm_scale.launcher.models import build_model
 
 STEPS, STOP = 8, 4
 # Half the parameters frozen and patience 1 force block switches within 8 steps.
@@ -105,7 +105,7 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 from transformers import TrainingArguments
 from blockllm_scale.config import ConfigError
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
-from blockllm_scale.models import build_model
+from blockllm_scale.launcher.models import build_model
 ds = {{"zero_optimization": {{"stage": 2}}, "train_micro_batch_size_per_gpu": "auto",
       "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}}
 args = TrainingArguments(output_dir={str(tmp_path)!r}, max_steps=2, report_to=[], use_cpu=True, deepspeed=ds)
@@ -130,7 +130,7 @@ def test_fsdp_is_refused_in_one_line(tmp_path):
 from transformers import TrainingArguments
 from blockllm_scale.config import ConfigError
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
-from blockllm_scale.models import build_model
+from blockllm_scale.launcher.models import build_model
 args = TrainingArguments(output_dir={str(tmp_path)!r}, max_steps=2, report_to=[], use_cpu=True)
 try:
     BlockLLMTrainer(model=build_model("tiny"), args=args, data_collator=causal_lm_collator,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from blockllm_scale.models import MODEL_SIZES, build_model, count_parameters
+from blockllm_scale.launcher.models import MODEL_SIZES, build_model, count_parameters
 
 # (hidden, intermediate, heads, layers) from GaLore's configs/llama_*.json, written out
 # here independently of MODEL_SIZES so a typo in either one fails the test.

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from baselines.master_weights import Fp32MasterWeights
+from blockllm_scale.baselines.master_weights import Fp32MasterWeights
 from blockllm_scale import BlockLLM
 from blockllm_scale.config import ConfigError
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from launch import pretrain  # noqa: E402
+from blockllm_scale.launcher import train as pretrain  # noqa: E402
 # Small enough for 2 CPU cores; patience 2 with half the parameters frozen forces reselections.
 COMMON = ["--model", "tiny", "--steps", "12", "--batch_size", "4", "--seq_len", "64", "--eval_every", "0",
           "--sparsity", "0.5", "--patience", "2", "--embeddings", "candidate", "--lr", "3e-3"]
@@ -100,7 +99,7 @@ def test_backward_depth_is_the_lowest_layer_that_takes_a_gradient():
     import torch
 
     from blockllm_scale import BlockLLM
-    from blockllm_scale.models import build_model
+    from blockllm_scale.launcher.models import build_model
 
     torch.manual_seed(0)
     model = build_model("tiny")

@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import quality
+from blockllm_scale.benchmarks import quality
 
 
 def test_quality_benchmark_runs_resumes_and_reports(tmp_path):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from blockllm_scale import BlockLLM
-from blockllm_scale.data import DataConfig, build_datasets, make_batches
-from blockllm_scale.models import build_model
+from blockllm_scale.launcher.data import DataConfig, build_datasets, make_batches
+from blockllm_scale.launcher.models import build_model
 
 STEPS, WARMUP, BATCH, SEQ, LR, EVAL_ROWS = 300, 30, 16, 64, 1e-3, 256
 SPARSITY = 0.5

@@ -5,7 +5,6 @@ time-budgeted launcher run stops with a checkpoint that --resume auto finishes e
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,7 @@ import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from benchmarks.reproduce import report, run  # noqa: E402
+from blockllm_scale.benchmarks.reproduce import report, run  # noqa: E402
 
 STEMS = ("table3_memory", "table3_ppl", "figure4", "ablations")
 
@@ -118,7 +116,7 @@ def test_cpu_dry_run_writes_every_report_and_reruns_nothing(tmp_path, tiny_corpu
 
 
 def test_time_budget_stops_with_a_checkpoint_that_resume_finishes(tmp_path, tiny_corpus):
-    from launch import pretrain
+    from blockllm_scale.launcher import train as pretrain
 
     common = ["--model", "tiny", "--device", "cpu", "--steps", "4", "--batch_size", "2", "--seq_len", "32",
               "--eval_every", "0", "--sparsity", "0.5", "--patience", "1", "--embeddings", "candidate",

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from launcher_runs import REPO, TINY, metrics, one_error_line, run_main
 
-from blockllm_scale.checkpoint import save_checkpoint
+from blockllm_scale.launcher.checkpoint import save_checkpoint
 from blockllm_scale.config import ConfigError
-from blockllm_scale.run_dir import claim_out_dir
+from blockllm_scale.launcher.run_dir import claim_out_dir
 
 
 class FileBackend:
