@@ -108,6 +108,21 @@ def _check_optimizer_section(spec: dict, args, name: str) -> None:
                               f"{expected[key]!r}; BlockLLM takes them from the TrainingArguments")
 
 
+@contextlib.contextmanager
+def without_zero_init(args):
+    """Build the model inside this to get whole weights although ``args`` (TrainingArguments) carry a ZeRO-3
+    config, under which ``from_pretrained``/``from_config`` would partition them at once (``zero.Init``):
+    BlockLLM sizes its blocks from whole weights. DeepSpeed partitions them when training starts."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if getattr(args, "hf_deepspeed_config", None) is not None:
+            set_hf_deepspeed_config(args.hf_deepspeed_config)
+
+
 def _zero_init_partitioned(model) -> bool:
     """True when ZeRO-3's zero.Init partitioned the weights at construction (they are empty now)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
@@ -253,7 +268,8 @@ class BlockLLMTrainer(Trainer):
         if _zero_init_partitioned(self.model):
             raise ConfigError("the model was built under ZeRO-3's zero.Init (TrainingArguments(deepspeed=<stage 3>) "
                               "existed when it was created): BlockLLM sizes its blocks from whole weights; build "
-                              "the model before the TrainingArguments")
+                              "it inside `with blockllm_scale.integrations.hf.without_zero_init(args):` or before "
+                              "the TrainingArguments")
 
     def create_accelerator_and_postprocess(self) -> None:
         self._fsdp = fsdp2_options(self.args)

@@ -154,3 +154,19 @@ def test_fsdp_activation_checkpointing_is_refused_in_one_line(tmp_path):
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}
     said = refusals(tmp_path, [{"sparsity": 0.5}], **env)
     assert re.search(r"fsdp_activation_checkpointing: true is not supported .*gradient_checkpointing=True", said[0])
+
+
+def test_the_finetuning_example_runs_on_a_jsonl_file(tmp_path):
+    """launch/finetune_trainer.py as the README shows it, on a local JSONL file, a few CPU steps."""
+    corpus = (Path(__file__).resolve().parents[2] / "blockllm_scale" / "assets" / "shakespeare.txt").read_text()
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": corpus[i:i + 2000]}) + "\n" for i in range(0, 60_000, 2000)))
+    command = [sys.executable, "launch/finetune_trainer.py", "--data", str(data), "--output_dir", str(tmp_path / "out"),
+               "--max_steps", "4", "--seq_len", "32", "--per_device_train_batch_size", "2", "--sparsity", "0.5",
+               "--patience", "1", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    logged = [line for line in out.stdout.splitlines() if "blockllm/reselections" in line]
+    assert len(logged) == 4
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-4").is_dir()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
