@@ -183,8 +183,9 @@ def blockllm_deepspeed_initialize():
     config's "auto" values from the Trainer and the model; every other call goes to DeepSpeed unchanged.
     """
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
-    from .deepspeed import _on_cpu, check_config
+    from .deepspeed import check_config
 
     real = deepspeed.initialize
 
@@ -199,7 +200,8 @@ def blockllm_deepspeed_initialize():
                               "parallelism): its engine is rebuilt at every block switch")
         config = dict(kwargs.get("config_params") or kwargs.get("config"))
         world = torch.distributed.get_world_size()
-        check_config(config, "the Trainer's DeepSpeed config", world_size=world, on_cpu=_on_cpu(),
+        check_config(config, "the Trainer's DeepSpeed config", world_size=world,
+                     on_cpu=get_accelerator().device_name() == "cpu",
                      client_optimizer=True, blockllm=True)
         scheduler = kwargs.get("lr_scheduler")
         engine = _trainer_engine_type()(kwargs["model"], optimizer, config, scheduler)
