@@ -13,10 +13,9 @@ from blockllm_scale.launcher.backends import accelerate as integration
 from blockllm_scale.launcher.backends.accelerate import (
     AccelerateBackend,
     check_config_file,
-    fsdp_settings_from_env,
     launching_config_file,
 )
-from blockllm_scale.integrations.accelerate import launched_by_accelerate
+from blockllm_scale.integrations.accelerate import fsdp_settings_from_env, launched_by_accelerate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "accelerate"

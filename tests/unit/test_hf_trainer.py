@@ -3,6 +3,7 @@ like the uninterrupted one, with the selection (and its requires_grad flags) res
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -96,51 +97,76 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, train_set):
     assert whole.blockllm.selection.reselections == second.blockllm.selection.reselections
 
 
-def test_deepspeed_config_is_refused_in_one_line(tmp_path):
-    """The Trainer would pass BlockLLM to deepspeed.initialize, which cannot follow block switches. Run in a
-    child process: a Trainer with a DeepSpeed config leaves accelerate's process-wide state set to DeepSpeed."""
-    script = f"""
-import os
+REFUSALS = f"""
+import json, os, sys
 os.environ["DS_ACCELERATOR"] = "cpu"
 from transformers import TrainingArguments
 from blockllm_scale.config import ConfigError
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
 from blockllm_scale.launcher.models import build_model
-ds = {{"zero_optimization": {{"stage": 2}}, "train_micro_batch_size_per_gpu": "auto",
-      "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}}
-args = TrainingArguments(output_dir={str(tmp_path)!r}, max_steps=2, report_to=[], use_cpu=True, deepspeed=ds)
-try:
-    BlockLLMTrainer(model=build_model("tiny"), args=args, data_collator=causal_lm_collator,
-                    blockllm_settings={{"sparsity": 0.5}})
-except ConfigError as error:
-    print("REFUSED:", error)
+model = build_model("tiny")
+for case in json.loads(sys.argv[1]):
+    ds = case.pop("deepspeed", None)
+    args = TrainingArguments(output_dir=sys.argv[2], max_steps=2, report_to=[], use_cpu=True, deepspeed=ds)
+    try:
+        BlockLLMTrainer(model=model, args=args, data_collator=causal_lm_collator, blockllm_settings=case)
+        print("ACCEPTED")
+    except ConfigError as error:
+        print("REFUSED:", error)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2])
-    refused = [line for line in out.stdout.splitlines() if line.startswith("REFUSED:")]
-    assert refused, out.stdout + out.stderr
-    assert re.search(r"BlockLLMTrainer does not support .*deepspeed launch/pretrain.py", refused[0])
 
 
-def test_fsdp_is_refused_in_one_line(tmp_path):
-    """Under `accelerate launch` with an FSDP config (ACCELERATE_USE_FSDP) the Trainer would shard the model
-    behind BlockLLM's back on GPUs, and on CPUs silently train one unsharded copy per process. Child process:
-    accelerate keeps process-wide state."""
-    script = f"""
-from transformers import TrainingArguments
-from blockllm_scale.config import ConfigError
-from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
-from blockllm_scale.launcher.models import build_model
-args = TrainingArguments(output_dir={str(tmp_path)!r}, max_steps=2, report_to=[], use_cpu=True)
-try:
-    BlockLLMTrainer(model=build_model("tiny"), args=args, data_collator=causal_lm_collator,
-                    blockllm_settings={{"sparsity": 0.5}})
-except ConfigError as error:
-    print("REFUSED:", error)
-"""
-    env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2], env=env)
-    refused = [line for line in out.stdout.splitlines() if line.startswith("REFUSED:")]
-    assert refused, out.stdout + out.stderr
-    assert re.search(r"does not support FSDP.*configs/accelerate/fsdp2.yaml launch/pretrain.py", refused[0])
+def refusals(tmp_path, cases: list[dict], **env: str) -> list[str]:
+    """What BlockLLMTrainer says to each case, in a child process: accelerate keeps process-wide state."""
+    out = subprocess.run([sys.executable, "-c", REFUSALS, json.dumps(cases), str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[2], env={**os.environ, **env})
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("REFUSED:", "ACCEPTED"))]
+    assert len(lines) == len(cases), out.stdout + out.stderr
+    return lines
+
+
+def test_what_stays_unsupported_under_deepspeed_is_refused_in_one_line(tmp_path):
+    zero = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto"}
+    cases = [
+        {"deepspeed": {**zero, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}},
+        {"deepspeed": {**zero, "zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}},
+        {"deepspeed": {**zero, "zero_optimization": {"stage": 2}}, "variant": "masked"},
+        {"deepspeed": {**zero, "zero_optimization": {"stage": 2},
+                       "optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}},
+        {"deepspeed": {**zero, "zero_optimization": {"stage": 2}, "blockllm": {"sparsity": 0.8}}, "sparsity": 0.5},
+        # accepted: an AdamW section of "auto" values is what BlockLLM does anyway
+        {"deepspeed": {**zero, "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {
+            "lr": "auto", "weight_decay": "auto"}}}, "sparsity": 0.5},
+    ]
+    said = refusals(tmp_path, cases)
+    assert "zero_optimization.offload_optimizer is not supported" in said[0]
+    assert 'remove the "scheduler" section' in said[1]
+    assert "variant='masked'" in said[2]
+    assert "optimizer.params.lr = 0.5 differs from the TrainingArguments' 5e-05" in said[3]
+    assert '"blockllm".sparsity differs from blockllm_settings' in said[4]
+    assert said[5] == "ACCEPTED"
+
+
+def test_fsdp_activation_checkpointing_is_refused_in_one_line(tmp_path):
+    """Under `accelerate launch` with an FSDP2 config BlockLLMTrainer shards the model itself; FSDP's own
+    activation checkpointing is not applied then, so asking for it is an error naming the replacement."""
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    said = refusals(tmp_path, [{"sparsity": 0.5}], **env)
+    assert re.search(r"fsdp_activation_checkpointing: true is not supported .*gradient_checkpointing=True", said[0])
+
+
+def test_the_finetuning_example_runs_on_a_jsonl_file(tmp_path):
+    """launch/finetune_trainer.py as the README shows it, on a local JSONL file, a few CPU steps."""
+    corpus = (Path(__file__).resolve().parents[2] / "blockllm_scale" / "assets" / "shakespeare.txt").read_text()
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": corpus[i:i + 2000]}) + "\n" for i in range(0, 60_000, 2000)))
+    command = [sys.executable, "launch/finetune_trainer.py", "--data", str(data), "--output_dir", str(tmp_path / "out"),
+               "--max_steps", "4", "--seq_len", "32", "--per_device_train_batch_size", "2", "--sparsity", "0.5",
+               "--patience", "1", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    logged = [line for line in out.stdout.splitlines() if "blockllm/reselections" in line]
+    assert len(logged) == 4
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-4").is_dir()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()

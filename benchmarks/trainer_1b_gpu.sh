@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU call of benchmarks/trainer_1b.py: LLaMA-1B through the HF Trainer, bf16, gradient checkpointing, under
+# ZeRO-2 and FSDP2, AdamW and BlockLLM s=0.9, every visible GPU per run. From the repository root (.whl carried
+# when the machine lacks the packages):
+#
+#     GIT_COMMIT=<hash> bash benchmarks/trainer_1b_gpu.sh [extra trainer_1b.py flags, e.g. --steps 100]
+#
+# $OUT receives trainer_1b.log, results.tar.gz (benchmarks/results/trainer_1b_zero2_fsdp2.* and the per-run logs:
+# untar it in the repository root) and the markdown report.
+set -uo pipefail
+out=${OUT:-/tmp/trainer-1b-out}
+t0=$SECONDS
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+if [ ! -d /tmp/site ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "trainer_1b_gpu.sh: installing .whl/ failed" >&2; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  python3 benchmarks/trainer_1b.py "$@"
+} 2>&1 | tee -a "$out/trainer_1b.log"
+stem=benchmarks/results/trainer_1b_zero2_fsdp2
+tar czf "$out/results.tar.gz" "$stem".json "$stem".md "$stem".png runs/trainer_1b_zero2_fsdp2/*.log 2>>"$out/trainer_1b.log"
+cp "$stem.md" "$out/" 2>/dev/null
+echo "[trainer_1b_gpu.sh] $((SECONDS - t0))s; files in $out: $(ls "$out" | tr '\n' ' ')"
