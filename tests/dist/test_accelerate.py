@@ -56,6 +56,8 @@ def test_a_misspelt_key_inside_fsdp_config_stops_every_process_in_one_line(tmp_p
     path.write_text(yaml.safe_dump(config))
     result = accelerate_launch(path, PRETRAIN, *FLAGS, "--out_dir", str(tmp_path / "run"))
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("pretrain.py: error:")]
-    assert result.returncode != 0 and len(errors) == 2, failure_report(result)  # one line from each process
+    # One line from each process that gets to print it: the first to exit makes torchrun's agent stop the other,
+    # sometimes before its line is out (a race seen in the full suite), so one or two lines.
+    assert result.returncode != 0 and 1 <= len(errors) <= 2, failure_report(result)
     assert all("fsdp_config.fsdp_reshard_after_foward (did you mean fsdp_reshard_after_forward?)" in e for e in errors)
     assert not (tmp_path / "run").exists()
