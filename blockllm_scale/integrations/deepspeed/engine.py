@@ -340,37 +340,3 @@ def initialize(model, optimizer=None, config=None, model_parameters=None, lr_sch
     if adam is not None:
         optimizer = BlockLLM(model.named_parameters(), **adam, **section)
     return BlockLLMEngine(model, optimizer, config, lr_scheduler, kwargs), optimizer, None, lr_scheduler
-
-
-def initialize(model, optimizer=None, config=None, model_parameters=None, lr_scheduler=None, **kwargs):
-    """``deepspeed.initialize`` that knows BlockLLM: same arguments, same ``(engine, optimizer, _, scheduler)``.
-
-    * ``optimizer=BlockLLM(...)``: the engine is a :class:`BlockLLMEngine`.
-    * no optimizer and a "blockllm" section in ``config``: BlockLLM is built from that section and the
-      config's "optimizer" params (AdamW: lr, betas, eps, weight_decay) over ``model.named_parameters()``.
-    * any other optimizer: plain ``deepspeed.initialize`` (after the same config checks).
-    ``lr_scheduler`` (a torch scheduler over the BlockLLM) is stepped at every optimizer step.
-    """
-    import deepspeed
-
-    config, name = load_config(config)
-    section = blockllm_section(config, name)
-    config.pop(SECTION, None)
-    init_distributed()
-    adam = adam_settings(config.pop("optimizer", None), name) if optimizer is None and section is not None else None
-    if isinstance(optimizer, BlockLLM) and section is not None:
-        differing = sorted(k for k, v in section.items() if getattr(optimizer.config, k) != v)
-        if differing:
-            raise ConfigError(f'{name}: "{SECTION}".{differing[0]} differs from the BlockLLM passed in; '
-                              "give BlockLLM's settings in one place")
-    is_blockllm = adam is not None or isinstance(optimizer, BlockLLM)
-    check_config(config, name, world_size=dist.get_world_size(), on_cpu=on_cpu(),
-                 client_optimizer=is_blockllm or optimizer is not None, blockllm=is_blockllm)
-    if not is_blockllm:
-        return deepspeed.initialize(model=model, optimizer=optimizer, config=config, model_parameters=model_parameters,
-                                    lr_scheduler=lr_scheduler, **kwargs)
-    if "training_data" in kwargs:
-        raise ConfigError("training_data: the engine is rebuilt at every block switch; build the data loader yourself")
-    if adam is not None:
-        optimizer = BlockLLM(model.named_parameters(), **adam, **section)
-    return BlockLLMEngine(model, optimizer, config, lr_scheduler, kwargs), optimizer, None, lr_scheduler
