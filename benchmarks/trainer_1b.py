@@ -32,7 +32,7 @@ QUESTION = "trainer_1b_zero2_fsdp2"
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="1b", help="a size from blockllm_scale/models.py")
+    parser.add_argument("--model", default="1b", help="a size from blockllm_scale/launcher/models.py")
     parser.add_argument("--dataset", default="shakespeare", help="DataConfig.dataset: the shipped corpus, a file")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8, help="per GPU")

@@ -7,7 +7,7 @@
 
 --data: a .txt file (one document) or .json/.jsonl rows with a "text" field (--text_field);
 the text is packed into rows of --seq_len tokens. --model: a local Hugging Face model (with its tokenizer)
-or a size from blockllm_scale/models.py built from its config (random weights, the shipped tokenizer).
+or a size from blockllm_scale/launcher/models.py built from its config (random weights, the shipped tokenizer).
 Every TrainingArguments flag works (--learning_rate, --save_steps, --resume_from_checkpoint, --report_to, ...);
 --deepspeed takes any ZeRO-0..3 config ("auto" values are filled by the Trainer). On CPU, add
 DS_ACCELERATOR=cpu and use `deepspeed --num_gpus 2 --no_local_rank` or `torchrun --nproc_per_node 2`.
@@ -28,7 +28,7 @@ from blockllm_scale.launcher.models import MODEL_SIZES, build_model
 
 @dataclass
 class Script:
-    model: str = "tiny"  # a local Hugging Face model, or a size from blockllm_scale/models.py
+    model: str = "tiny"  # a local Hugging Face model, or a size from blockllm_scale/launcher/models.py
     data: str = str(SHIPPED_CORPUS)
     text_field: str = "text"
     seq_len: int = 128

@@ -1,4 +1,4 @@
-"""Checkpoints known to be complete (blockllm_scale/checkpoint.py), on a stand-in backend that writes files
+"""Checkpoints known to be complete (blockllm_scale/launcher/checkpoint.py), on a stand-in backend that writes files
 the way the real ones do (a nested folder included, as DeepSpeed's tag folder and FSDP2's dcp/ are): no
 model, no process group, milliseconds each; and one launcher run that meets a truncated checkpoint."""
 
