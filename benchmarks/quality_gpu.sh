@@ -15,11 +15,7 @@ out=${OUT:-/tmp/quality-out}
 t0=$SECONDS
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-if [ ! -d /tmp/site ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "quality_gpu.sh: installing .whl/ failed" >&2; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/gpu_packages.sh
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   python3 -c "import torch, transformers, galore_torch, torchao; print('torch', torch.__version__, '| transformers', transformers.__version__, '| torchao', torchao.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | tail -1

@@ -12,11 +12,7 @@ out=${OUT:-/tmp/trainer-1b-out}
 t0=$SECONDS
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-if [ ! -d /tmp/site ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "trainer_1b_gpu.sh: installing .whl/ failed" >&2; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/gpu_packages.sh
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   python3 benchmarks/trainer_1b.py "$@"
