@@ -18,7 +18,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -168,8 +170,10 @@ def launch(opts: argparse.Namespace, backend: str, optimizer: str, result: Path,
                    "--warmup_steps", str(opts.warmup_steps), "--eval_rows", str(opts.eval_rows)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if backend == "fsdp2":
+        # accelerate's default port 29500 may still be held by an earlier launch; torchrun --standalone picks its own
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(REPO / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", str(nproc),
+                   "--main_process_port", str(free_port()),
                    *([] if gpus else ["--mixed_precision", "no"]), *worker_args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -179,6 +183,19 @@ def launch(opts: argparse.Namespace, backend: str, optimizer: str, result: Path,
     if not gpus:
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def failure(log: str) -> str:
+    """The line that says why a launch failed: the rank's own exception, not the launcher's ChildFailedError."""
+    raised = [line.strip() for line in log.splitlines()
+              if re.match(r"\s*(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b.*:", line) and "ChildFailedError" not in line]
+    return (raised or [line.strip() for line in log.splitlines() if "Error" in line] or ["no result"])[-1]
 
 
 def corpus_of(dataset: str) -> dict:
@@ -246,26 +263,26 @@ def main(argv: list[str] | None = None) -> list[Path]:
     work = REPO / "runs" / QUESTION if default else stem.parent / f"{stem.name}.runs"
     work.mkdir(parents=True, exist_ok=True)
     backends = opts.backends.split(",")
-    runs = []
+    argv_used = [str(Path(__file__).relative_to(REPO)), *(sys.argv[1:] if argv is None else argv)]
+    data = {"question": QUESTION, "environment": describe(argv_used, "cuda" if gpus else "cpu"),
+            "settings": {k: getattr(opts, k) for k in ("model", "steps", "batch", "seq_len", "lr", "sparsity",
+                                                       "patience", "warmup_steps", "eval_rows")},
+            "corpus": corpus_of(opts.dataset), "runs": []}
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     for backend, optimizer in [r for r in RUNS if r[0] in backends]:
         result = work / f"{backend}_{optimizer}.json"
         done = launch(opts, backend, optimizer, result, gpus)
         (work / f"{backend}_{optimizer}.log").write_text(done.stdout + done.stderr)
         if done.returncode == 0 and result.is_file():
-            runs.append(json.loads(result.read_text()))
+            data["runs"].append(json.loads(result.read_text()))
         else:
-            tail = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line][-1:] or ["no result"]
-            runs.append({"backend": backend, "optimizer": optimizer, "error": tail[0].strip()})
-        print(f"[{QUESTION}] {backend} {optimizer}: {runs[-1]}", flush=True)
-    argv_used = [str(Path(__file__).relative_to(REPO)), *(sys.argv[1:] if argv is None else argv)]
-    data = {"question": QUESTION, "environment": describe(argv_used, "cuda" if gpus else "cpu"),
-            "settings": {k: getattr(opts, k) for k in ("model", "steps", "batch", "seq_len", "lr", "sparsity",
-                                                       "patience", "warmup_steps", "eval_rows")},
-            "corpus": corpus_of(opts.dataset), "runs": runs}
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    paths[0].write_text(json.dumps(data, indent=2) + "\n")
-    paths[1].write_text(markdown(data))
-    plot(data, paths[2])
+            data["runs"].append({"backend": backend, "optimizer": optimizer, "error": failure(done.stdout + done.stderr),
+                                 "log": str(work / f"{backend}_{optimizer}.log")})
+        print(f"[{QUESTION}] {backend} {optimizer}: {data['runs'][-1]}", flush=True)
+        # the report after every run: a sitting cut short keeps the runs it finished
+        paths[0].write_text(json.dumps(data, indent=2) + "\n")
+        paths[1].write_text(markdown(data))
+        plot(data, paths[2])
     print(paths[1].read_text())
     return paths
 

@@ -5,8 +5,9 @@
 #
 #     GIT_COMMIT=<hash> bash benchmarks/trainer_1b_gpu.sh [extra trainer_1b.py flags, e.g. --steps 100]
 #
-# $OUT receives trainer_1b.log, results.tar.gz (benchmarks/results/trainer_1b_zero2_fsdp2.* and the per-run logs:
-# untar it in the repository root) and the markdown report.
+# $OUT receives trainer_1b.log, the report trainer_1b_zero2_fsdp2.{json,md,png} (rewritten after every run, so a
+# call cut short keeps the runs it finished: copy them to benchmarks/results/) and the per-run logs in
+# trainer_1b_zero2_fsdp2.runs/.
 set -uo pipefail
 out=${OUT:-/tmp/trainer-1b-out}
 t0=$SECONDS
@@ -15,9 +16,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 source benchmarks/gpu_packages.sh
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  python3 benchmarks/trainer_1b.py "$@"
+  python3 benchmarks/trainer_1b.py --stem "$out/trainer_1b_zero2_fsdp2" "$@"
 } 2>&1 | tee -a "$out/trainer_1b.log"
-stem=benchmarks/results/trainer_1b_zero2_fsdp2
-tar czf "$out/results.tar.gz" "$stem".json "$stem".md "$stem".png runs/trainer_1b_zero2_fsdp2/*.log 2>>"$out/trainer_1b.log"
-cp "$stem.md" "$out/" 2>/dev/null
+rm -rf "$out"/trainer_1b_zero2_fsdp2.runs/*/  # the Trainer's output folders (save_strategy="no": nothing to keep)
 echo "[trainer_1b_gpu.sh] $((SECONDS - t0))s; files in $out: $(ls "$out" | tr '\n' ' ')"

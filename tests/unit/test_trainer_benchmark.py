@@ -23,7 +23,7 @@ def test_dry_run_writes_the_report(tmp_path):
     data = json.loads(stem.with_suffix(".json").read_text())
     assert [(r["backend"], r["optimizer"]) for r in data["runs"]] == [("fsdp2", "adamw"), ("fsdp2", "blockllm")]
     for row in data["runs"]:
-        assert "error" not in row, row
+        assert "error" not in row, (row, Path(row.get("log", "/dev/null")).read_text()[-4000:])
         assert row["world_size"] == 2 and row["tokens_per_s"] > 0 and row["peak_gib_train"] > 0
         assert 0 < row["eval_loss"] < 20
     assert data["runs"][1]["reselections"] >= 1
@@ -32,3 +32,13 @@ def test_dry_run_writes_the_report(tmp_path):
     assert len(data["corpus"]["sha256"]) == 64
     assert "| fsdp2 | blockllm | 2 |" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_failed_launch_is_reported_by_the_ranks_own_exception():
+    from blockllm_scale.benchmarks.trainer_1b import failure
+
+    log = ("[rank1]: Traceback (most recent call last):\n[rank1]: RuntimeError: The server socket has failed to listen\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+    assert failure(log) == "[rank1]: RuntimeError: The server socket has failed to listen"
+    assert failure("ValueError: bad --model\n") == "ValueError: bad --model"
+    assert failure("killed\n") == "no result"
