@@ -107,6 +107,7 @@ def worker(opts: argparse.Namespace) -> None:
                    state_numel_rank0=blockllm.state_numel())
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(opts.result).write_text(json.dumps(row))
+    trainer.accelerator.end_training()  # left to interpreter exit, gloo's threads can abort a finished rank
 
 
 def peak_gib(gpu: bool) -> float:
@@ -225,7 +226,16 @@ def markdown(data: dict) -> str:
         lines.append(f"| {row['backend']} | {row['optimizer']} | {row['world_size']} | {row['peak_gib_train']} | "
                      f"{row['tokens_per_s']} | {row['eval_loss']} | {row.get('reselections', '–')} | "
                      f"{row.get('trained_fraction', '–')} |")
+    for backend, optimizer in unfinished(data):
+        lines.append(f"| {backend} | {optimizer} | not run: the sitting ended first |||||")
     return "\n".join(lines) + "\n"
+
+
+def unfinished(data: dict) -> list[tuple[str, str]]:
+    """The runs the command asked for that have no row (a GPU call cut short by its time limit)."""
+    backends = data["settings"].get("backends", "zero2,fsdp2").split(",")
+    done = {(row["backend"], row["optimizer"]) for row in data["runs"]}
+    return [run for run in RUNS if run[0] in backends and run not in done]
 
 
 def plot(data: dict, path: Path) -> None:
@@ -241,8 +251,11 @@ def plot(data: dict, path: Path) -> None:
                               ("peak memory (GiB)", "tokens/s", "eval loss")):
         ax.bar(labels, [r[key] or 0 for r in rows], color=["#888" if r["optimizer"] == "adamw" else "#2a7" for r in rows])
         ax.set_title(title)
+    missing = [f"{r['backend']} {r['optimizer']}" for r in data["runs"] if "error" in r]
+    missing += [f"{b} {o}" for b, o in unfinished(data)]
     fig.suptitle(f"{data['settings']['model']} in the HF Trainer: AdamW vs BlockLLM s={data['settings']['sparsity']} "
-                 f"({data['environment']['device']})", fontsize=9)
+                 f"({data['environment']['device']})" + (f"\nno result: {', '.join(missing)}" if missing else ""),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     argv_used = [str(Path(__file__).relative_to(REPO)), *(sys.argv[1:] if argv is None else argv)]
     data = {"question": QUESTION, "environment": describe(argv_used, "cuda" if gpus else "cpu"),
             "settings": {k: getattr(opts, k) for k in ("model", "steps", "batch", "seq_len", "lr", "sparsity",
-                                                       "patience", "warmup_steps", "eval_rows")},
+                                                       "patience", "warmup_steps", "eval_rows", "backends")},
             "corpus": corpus_of(opts.dataset), "runs": []}
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     for backend, optimizer in [r for r in RUNS if r[0] in backends]:

@@ -60,6 +60,7 @@ def main() -> None:
                               blockllm_settings={"sparsity": script.sparsity, "patience": script.patience})
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
+    trainer.accelerator.end_training()  # trackers closed, the process group left before exit (gloo can abort)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM
 
 from blockllm_scale import BlockLLM
 from blockllm_scale.integrations import deepspeed as bds
+from blockllm_scale.integrations.deepspeed.processes import current_device
 from blockllm_scale.launcher.models import llama_config
 
 STAGES = (0, 1, 2, 3)
@@ -69,11 +70,27 @@ def wrapped(stage: int) -> dict:
     return {"losses": losses, "rebuilds": engine.rebuilds, "reselections": optimizer.selection.reselections}
 
 
+def placed_before_the_first_engine() -> dict:
+    """A bf16 config over an fp32 model: step 0 scores before any DeepSpeedEngine exists (embeddings are
+    candidates), so the wrapper itself must put the module where, and in the type, the engines will have it."""
+    net = model()
+    optimizer = BlockLLM(net.named_parameters(), **SETTINGS)
+    bf16 = {**config(2), "bf16": {"enabled": True}}
+    engine, optimizer, _, _ = bds.initialize(model=net, optimizer=optimizer, config=bf16)
+    placed = {"engine_at_step_0": engine.ds_engine is not None,
+              "dtypes": sorted({str(p.dtype) for p in net.parameters()}),
+              "devices": sorted({str(p.device) for p in net.parameters()}),
+              "expected_device": str(current_device())}
+    losses = train(engine, optimizer)
+    return {**placed, "losses": losses, "reselections": optimizer.selection.reselections}
+
+
 def main(out: str) -> None:
     warnings.simplefilter("ignore")
     bds.init_distributed()
     results = {f"direct_zero{s}": direct(s) for s in STAGES}
     results.update({f"wrapped_zero{s}": wrapped(s) for s in (1, 3)})
+    results["placed_bf16_zero2"] = placed_before_the_first_engine()
     with open(out, "w") as file:
         json.dump(results, file)
 

@@ -51,6 +51,15 @@ def test_the_wrapper_still_trains_and_switches(results, stage):
     assert outcome["reselections"] >= 2 and outcome["rebuilds"] >= 2
 
 
+def test_the_module_is_placed_and_cast_before_the_first_engine(results):
+    # On the H200 the Trainer's step 0 ran an fp32 CPU module on CUDA inputs; here the device is the CPU,
+    # so the dtype is what this test can see fail.
+    outcome = results["placed_bf16_zero2"]
+    assert outcome["engine_at_step_0"] is False  # the case this guards: no engine has placed the module yet
+    assert outcome["dtypes"] == ["torch.bfloat16"] and outcome["devices"] == [outcome["expected_device"]]
+    assert all(math.isfinite(x) for x in outcome["losses"]) and outcome["reselections"] >= 2
+
+
 def test_param_groups_stay_an_ordinary_list_otherwise():
     model = torch.nn.Linear(4, 4)
     optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.0)

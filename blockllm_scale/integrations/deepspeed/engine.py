@@ -15,7 +15,7 @@ from ...optim import BlockLLM
 from ...states import ADAM_KEYS, build_adam, copy_hyperparameters, state_dtypes, state_numel_by_dtype
 from .config import (SECTION, accumulation_steps, adam_settings, blockllm_section, check_config, load_config,
                      precision_enabled)
-from .processes import init_distributed, on_cpu, quiet
+from .processes import current_device, init_distributed, on_cpu, quiet
 from .workarounds_0_19_8 import backward_hook_managers, cut_output_hooks, release_engine
 
 _BLOCK, _SOURCE = "blockllm_block", "blockllm_source"  # tags on our param groups
@@ -76,6 +76,7 @@ class BlockLLMEngine:
         self._monitor = None  # DeepSpeed's monitor (wandb, tensorboard...) of the first engine, reused
         self.rebuilds = 0
         blockllm.hand_over_update(self)  # BlockLLM selects; this engine steps the selected blocks
+        self._place_as_deepspeed_would()
         self._rebuild()
 
     # --- what BlockLLM asks of the backend that owns its update (interface.UpdateOwner) ---
@@ -197,6 +198,17 @@ class BlockLLMEngine:
                 "selected_numel": sum(getattr(p, "ds_numel", p.numel()) for p in trained),
                 "world_size": dist.get_world_size(),
                 "stage": None if self._engine is None else self._engine.zero_optimization_stage()}
+
+    def _place_as_deepspeed_would(self) -> None:
+        """The module on this rank's device, its weights in the config's 16-bit type, as every engine will
+        have it: step 0 may run it with no engine yet (it only scores), on the device the inputs are on."""
+        if any(hasattr(p, "ds_id") for p in self.module.parameters()):
+            return  # ZeRO-3's zero.Init placed and partitioned the weights already
+        self.module.to(current_device())
+        if precision_enabled(self._config, "bf16"):  # weights only: DeepSpeed keeps fp32 buffers (rotary inv_freq)
+            for param in self.module.parameters():
+                if param.is_floating_point():
+                    param.data = param.data.to(torch.bfloat16)
 
     # --- the rebuild ---
     def _rebuild(self, kept: dict | None = None) -> None:
