@@ -63,6 +63,7 @@ def worker(opts: argparse.Namespace) -> None:
     from blockllm_scale.launcher.data import DataConfig, build_datasets
     from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator, without_zero_init
     from blockllm_scale.launcher.models import build_model
+    from blockllm_scale.parallel import end_with_a_barrier
 
     gpu = torch.cuda.is_available()
     if opts.backend == "zero2" and not gpu:
@@ -107,7 +108,7 @@ def worker(opts: argparse.Namespace) -> None:
                    state_numel_rank0=blockllm.state_numel())
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(opts.result).write_text(json.dumps(row))
-    trainer.accelerator.end_training()  # left to interpreter exit, gloo's threads can abort a finished rank
+    end_with_a_barrier()  # or the last all_gather can abort a finished rank at exit (blockllm_scale/parallel.py)
 
 
 def peak_gib(gpu: bool) -> float:

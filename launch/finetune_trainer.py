@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from blockllm_scale.launcher.data import SHIPPED_CORPUS, SHIPPED_TOKENIZER
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator, without_zero_init
 from blockllm_scale.launcher.models import MODEL_SIZES, build_model
+from blockllm_scale.parallel import end_with_a_barrier
 
 
 @dataclass
@@ -60,7 +61,7 @@ def main() -> None:
                               blockllm_settings={"sparsity": script.sparsity, "patience": script.patience})
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
-    trainer.accelerator.end_training()  # trackers closed, the process group left before exit (gloo can abort)
+    end_with_a_barrier()  # or the Trainer's last all_gather can abort a finished rank at exit (parallel.py)
 
 
 if __name__ == "__main__":

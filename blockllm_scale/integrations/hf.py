@@ -287,8 +287,6 @@ class BlockLLMTrainer(Trainer):
             self.optimizer = BlockLLM(model.named_parameters(), lr=args.learning_rate,
                                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                       weight_decay=args.weight_decay, **self.blockllm_settings)
-            if self._fsdp is not None:
-                self.optimizer.scorer.reduce_grad = None  # FSDP2 has averaged the gradients already
         return self.optimizer
 
     def _shard(self, model):

@@ -24,7 +24,7 @@ from ..baselines.master_weights import Fp32MasterWeights
 from ..config import BlockLLMConfig, ConfigError
 from ..integrations.accelerate import launched_by_accelerate
 from ..optim import BlockLLM
-from ..parallel import gather_over_ranks, mean_over_ranks
+from ..parallel import end_with_a_barrier, gather_over_ranks, mean_over_ranks
 from ..selection import lowest_trained_layer
 from .backends import make_backend
 from .checkpoint import (prune_checkpoints, resolve_resume, restore_rng_states, rng_states, save_checkpoint,
@@ -244,6 +244,7 @@ def train_loop(sections: dict) -> list[float]:
                       "checkpoint; --resume auto continues", flush=True)
             break
     progress.close()
+    end_with_a_barrier()  # the step's all_gather may be the last collective otherwise (parallel.py says why)
     if backend.rank == 0:
         print_summary(summary, train, log, saved, resume_argv, launched=backend.world_size > 1 or launched_by_accelerate())
     if recording:

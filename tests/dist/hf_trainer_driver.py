@@ -1,6 +1,6 @@
 """One 2-process run of BlockLLMTrainer under a backend, for tests/dist/test_hf_trainer_dist.py.
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 hf_trainer_driver.py OUT zero2|zero3   (zero3: gradient checkpointing)
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 hf_trainer_driver.py OUT zero1|zero2|zero3   (zero3: gradient checkpointing)
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --mixed_precision no hf_trainer_driver.py OUT fsdp2
 
 In one process, three Trainers on the same data: the Trainer's own AdamW (2 steps: its per-rank Adam state),
@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from blockllm_scale.launcher.data import DataConfig, build_datasets
+from blockllm_scale.parallel import end_with_a_barrier
 from blockllm_scale.integrations.hf import BlockLLMTrainer, causal_lm_collator
 from blockllm_scale.launcher.models import build_model
 from blockllm_scale.states import state_numel
@@ -136,8 +137,7 @@ def main() -> None:
     result["world_size"] = dist.get_world_size()
     rank = dist.get_rank()
     (out_dir / f"{backend}_rank{rank}.json").write_text(json.dumps(result))
-    # Left to interpreter exit, gloo's threads can end a finished rank with "terminate called" (SIGABRT).
-    dist.destroy_process_group()
+    end_with_a_barrier()  # or the Trainer's last all_gather can abort a finished rank at exit (parallel.py)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""BlockLLMTrainer on 2 CPU processes (gloo): ZeRO-2 and ZeRO-3 through TrainingArguments(deepspeed=...)
+"""BlockLLMTrainer on 2 CPU processes (gloo): ZeRO-1, ZeRO-2 and ZeRO-3 through TrainingArguments(deepspeed=...)
 (ZeRO-3 with gradient checkpointing), FSDP2 through `accelerate launch --config_file
 configs/accelerate/fsdp2.yaml`. One launch per backend runs hf_trainer_driver.py: the Trainer's AdamW,
 BlockLLM for 10 steps with a checkpoint at step 5 (right after a block switch), and the run resumed from it.
@@ -28,7 +28,7 @@ def launch(backend: str, out):
     return torchrun(DRIVER, str(out), backend, nproc=WORLD, timeout=300, DS_ACCELERATOR="cpu")
 
 
-@pytest.fixture(scope="module", params=["zero2", "zero3", "fsdp2"])
+@pytest.fixture(scope="module", params=["zero1", "zero2", "zero3", "fsdp2"])
 def ranks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     result = launch(request.param, out)
