@@ -5,7 +5,8 @@ model's parameters, n those trained, T = batch x seq tokens, V the vocabulary.
 
 persistent (held through the whole step)
   weights     N w                                     (/W under ZeRO-3 and FSDP2)
-  master      fp32 copies of trained parameters: DeepSpeed with bf16 (4n; /W from ZeRO-1), BAdam (4n)
+  master      fp32 copies of trained parameters: DeepSpeed with bf16 (4n; /W from ZeRO-1), BAdam (4n), the plain
+              backend's --dtype bf16 (fp32_masters: 4n, with fp32 moments and fp32 gradients at the step)
   states      Adam moments of the trained parameters, by format:
                 torch AdamW          2 x the moment dtype, which is the parameter's (bf16: 4 bytes/param)
                 bitsandbytes 8-bit   2 x (1 + 4/2048) for tensors >= 4096 elements, else 2 x 4
@@ -126,6 +127,9 @@ class Setup:
     seq_len: int = 256
     vocab_size: int = 0  # 0: the size's own (GaLore's 32000)
     dtype: str = "bf16"
+    # Plain backend, bf16: the optimizer steps fp32 copies of what it trains (the launcher's --dtype bf16,
+    # BlockLLM's weight_update="fp32_master"); False is --dtype bf16-pure, what the memory suite runs.
+    fp32_masters: bool = False
     checkpointing: bool = False
     backend: str = "plain"
     world_size: int = 1
@@ -194,12 +198,20 @@ def predict(setup: Setup) -> Prediction:
     # FSDP2 with bf16 is mixed precision: the sharded parameters, their gradients and the Adam moments
     # stay fp32; only the gathered layers and the activations are bf16.
     param_w = 4 if setup.backend == "fsdp2" else w
-    plan = optimizer_plan(setup, tensors, param_w, state_w=4 if deepspeed else param_w)
+    # BAdam keeps its own fp32 copies (its plan has them); Adam's moments follow the fp32 copies' dtype.
+    masters = setup.fp32_masters and setup.backend == "plain" and w == 2 and setup.optimizer != "badam"
+    plan = optimizer_plan(setup, tensors, param_w, state_w=4 if deepspeed or masters else param_w)
     parts = {"weights": sum(t.numel for t in tensors) * param_w, "master": plan.master, "states": plan.states}
     tokens = setup.batch_size * setup.seq_len
     logits = 12 * tokens * shape.vocab
     largest = max(t.numel for t in tensors) * w
     in_flight = largest + plan.step_temp if plan.in_backward else 0
+    if masters:
+        parts["master"] += 4 * plan.trained
+        # Each bf16 gradient becomes an fp32 one on its copy and is freed: 4 bytes a trained parameter at the
+        # step, not 2 (in backward: one tensor's fp32 gradient in flight).
+        plan = replace(plan, grads=4 * plan.trained)
+        in_flight += 2 * largest if plan.in_backward else 0
     saved, recompute = activation_bytes(shape, w, setup, plan.layers, plan.head_trained, plan.embedding_trained)
     # The loss's backward comes first, each checkpointed layer's recomputation after it.
     phases = {"backward": saved + max(logits, recompute) + in_flight,

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -160,6 +162,31 @@ def test_whole_step_peak_matches_a_cpu_memory_tracker(monkeypatch):
     tracked = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     predicted = predict(Setup("adamw", "probe", batch_size=2, seq_len=64, dtype="fp32")).peak
     assert predicted == pytest.approx(tracked, rel=0.01)
+
+
+def test_fp32_master_copies_match_a_cpu_memory_tracker(monkeypatch):
+    """The launcher's --dtype bf16 on the plain backend: bf16 weights, AdamW stepping fp32 copies of them."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker", reason="torch's (private) MemTracker")
+    from blockllm_scale.baselines.master_weights import Fp32MasterWeights
+
+    model = _small_model(monkeypatch, torch.bfloat16, num_hidden_layers=2)
+    ids = torch.randint(0, 1024, (2, 64))
+    tracker = mem_tracker.MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        # built inside: the tracker counts the fp32 copies as they are allocated (it sees an optimizer's state,
+        # not tensors that sit in its param_groups)
+        optimizer = Fp32MasterWeights(torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True))
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tracker.reset_mod_stats()
+    tracked = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    setup = Setup("adamw", "probe", batch_size=2, seq_len=64, dtype="bf16", fp32_masters=True)
+    pure = predict(replace(setup, fp32_masters=False))
+    assert predict(setup).peak == pytest.approx(tracked, rel=0.01), (predict(setup), tracked)
+    assert predict(setup).parts["master"] - pure.parts["master"] == 4 * sum(p.numel() for p in model.parameters())
 
 
 def test_badam_shape_is_one_decoder_layer():
