@@ -31,12 +31,13 @@ REPO = HERE.parent
 from blockllm_scale.benchmarks.reproduce import report, run  # noqa: E402  (the side-by-side runner and its run summaries)
 from blockllm_scale.benchmarks.reproduce.render import fmt  # noqa: E402
 from blockllm_scale.config import PAPER_SETTINGS  # noqa: E402
+from blockllm_scale.launcher.cli import settings_as_flags  # noqa: E402
 
 ADAMW = "--optimizer adamw --lr 1e-3"
 GALORE = "--optimizer galore --update_proj_gap 200 --scale 0.25 --lr 0.01"
 
 
-PAPER = " ".join(f"--{key} {value}" for key, value in PAPER_SETTINGS.items())
+PAPER = " ".join(settings_as_flags(PAPER_SETTINGS))
 
 
 def blockllm(sparsity: float, *extra: str) -> str:
@@ -115,6 +116,18 @@ PRESETS = {
         "blockllm-s0.5-rms": ("rms_over_visits", blockllm(0.5, "--strategy rms_over_visits")),
         "blockllm-s0.9": ("BlockLLM s=0.9", blockllm(0.9)),
     }),
+    # On a CPU, in minutes: does s=0.9 train within its budget, and how well, on a model shaped like LLaMA-60M
+    # ("mini": embeddings and head 57% of the parameters, each larger than the s=0.9 budget)? A direction
+    # check on the shipped corpus (fp32), not the GPU-scale evidence of 60m-s0.9.
+    "mini-cpu-s0.9": QualityPlan("LLaMA-60M-shaped mini on a CPU, 300 steps: BlockLLM s=0.9 (row ranges) against "
+                                 "whole embeddings, random blocks and AdamW", "mini", 16, 64, 300, 50, 16, {
+                                     "adamw-lr2e-3": ("AdamW lr 2e-3", ADAMW.replace("1e-3", "2e-3")),
+                                     "blockllm-s0.9": ("BlockLLM s=0.9 (defaults: row ranges)", blockllm(0.9)),
+                                     "blockllm-s0.9-whole": ("s=0.9, whole tensors (--no-row_ranges)",
+                                                             blockllm(0.9, "--no-row_ranges")),
+                                     "blockllm-s0.9-random": ("random blocks s=0.9", blockllm(0.9, "--strategy random"))},
+                                 dtype="fp32", parallel=1, reserve_s=0.0, in_process=True,
+                                 targets=(("blockllm-s0.9", "<= 1.10x AdamW", 1.10),)),
     # Every code path in seconds on a CPU (tests/unit/test_quality_benchmark.py).
     "cpu": QualityPlan("CPU dry run", "tiny", 4, 32, 6, 3, 2, {
         "adamw": ("AdamW", ADAMW), "blockllm-s0.5": ("BlockLLM s=0.5", blockllm(0.5)),

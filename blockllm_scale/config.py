@@ -16,7 +16,7 @@ WEIGHT_UPDATES = ("fp32_master", "stochastic_rounding", "round_to_nearest")
 # The paper's own rule (§2, Algorithms 1-2, Appendix E.3), as the reproduction runs it: single tensors ranked by
 # raw ||G|| / visits, every tensor a candidate, no block warm-up. ``BlockLLM(params, **PAPER_SETTINGS)``.
 PAPER_SETTINGS = {"granularity": "parameter", "strategy": "norm_over_visits", "embeddings": "candidate",
-                  "patience": 50, "block_warmup_steps": 0}
+                  "patience": 50, "block_warmup_steps": 0, "row_ranges": False}
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,10 @@ class BlockLLMConfig:
         (torchao's AdamW, no extra memory); "round_to_nearest": plain bf16 arithmetic, where updates
         smaller than half a bf16 step (2^-9 relative) are lost. fp32 parameters are updated exactly
         either way.
+    row_ranges: a candidate matrix larger than the whole budget (LLaMA-60M's embeddings at s=0.9) is trained
+        a range of its rows at a time, within the budget (variant "approximate", when BlockLLM steps itself:
+        not under DeepSpeed or FSDP2, which step whole tensors). False: whole, as the paper, which then trains
+        it alone, over the budget.
     seed: seeds the random strategy; never the global RNG, so every rank decides alike.
     step_in_backward: step each trained tensor inside backward, the moment its gradient is ready,
         and free that gradient at once (as GaLore's per-layer mode): the peak then holds one
@@ -63,6 +67,7 @@ class BlockLLMConfig:
     states: str = "fp32"
     block_warmup_steps: int = 0
     weight_update: str = "fp32_master"
+    row_ranges: bool = True
     seed: int = 0
     step_in_backward: bool = False
 
@@ -90,8 +95,9 @@ class BlockLLMConfig:
         if self.weight_update == "stochastic_rounding" and self.states == "bnb_8bit":
             raise ConfigError("weight_update='stochastic_rounding' steps with torchao's AdamW: use states='fp32' "
                               "or 'torchao_8bit' (bitsandbytes has no stochastic rounding)")
-        if not isinstance(self.step_in_backward, bool):
-            raise ConfigError(f"step_in_backward must be true or false, got {self.step_in_backward!r}")
+        for name in ("step_in_backward", "row_ranges"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.step_in_backward and self.variant == "masked":
             raise ConfigError("step_in_backward works with variant='approximate' only (masks need the whole step)")
 

@@ -54,22 +54,15 @@ class BlockLLM(torch.optim.Optimizer):
         groups, self._names = _split_named_groups(params)
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._refuse_direct_deepspeed()
-        numels = [p.numel() for p in self._flat_params()]
-        self.blocks = sel.group_into_blocks(self._names, numels, self.config.granularity)
-        self._always, self._candidates = self._classify_blocks()
-        self.budget = self._candidate_budget()
-        self.selection = sel.SelectionState(visits=[0] * len(self.blocks), since=[-1] * len(self.blocks))
-        self._block_of = {i: b for b, block in enumerate(self.blocks) for i in block.members}
-        self._rng = random.Random(self.config.seed)
         self.scorer = GradNormScorer(reduce_grad=average_grad_over_ranks)
         self._reduce_loss: Callable[[float], float] = mean_over_ranks
         self._inner: torch.optim.Optimizer | None = None
         self._inner_sources: list[tuple[int, int]] = []  # per inner group: (outer group index, selected-at step)
-        # weight_update="fp32_master": flat index -> fp32 copy of a trained low-precision tensor, which the
-        # inner AdamW updates in its place.
-        self._masters: dict[int, torch.Tensor] = {}
-        # step_in_backward: one AdamW per trained tensor, stepped by a hook inside backward.
-        self._per_tensor: dict[int, torch.optim.Optimizer] = {}
+        # weight_update="fp32_master": unit -> fp32 copy of a trained low-precision tensor (or of its trained
+        # rows), which the inner AdamW updates in its place. A unit is (flat index, rows): _trained_units.
+        self._masters: dict[tuple, torch.Tensor] = {}
+        # step_in_backward: one AdamW per trained unit, stepped by a hook inside backward.
+        self._per_tensor: dict[tuple, torch.optim.Optimizer] = {}
         self._step_hooks: list = []
         self._masks: dict[int, torch.Tensor] = {}
         self._scored: list[int] = []  # flat indices of the tensors the scorer is measuring
@@ -77,7 +70,38 @@ class BlockLLM(torch.optim.Optimizer):
         self._warned_no_loss = False
         # Set by hand_over_update: the backend (DeepSpeed) that steps the trained blocks for us.
         self._owner: UpdateOwner | None = None
+        # Trained row ranges without an fp32 copy (see selection.split_oversize_tensors) -> (the parameter, the
+        # view of its rows that Adam steps).
+        self._row_views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._make_blocks(split_rows=not any(_is_dtensor(p) for p in self._flat_params()))
+
+    def _make_blocks(self, split_rows: bool) -> None:
+        """Blocks, budget and a fresh selection. Row ranges (for tensors larger than the whole budget) need
+        BlockLLM to step the trained blocks itself on whole local tensors: not under DeepSpeed or FSDP2."""
+        numels = [p.numel() for p in self._flat_params()]
+        self.blocks = sel.group_into_blocks(self._names, numels, self.config.granularity)
+        self._always, self._candidates = self._classify_blocks()
+        self.budget = self._candidate_budget()
+        # (the masked variant's masks trim an oversize block themselves)
+        if split_rows and self.config.row_ranges and self.config.variant == "approximate":
+            shapes = [p.shape for p in self._flat_params()]
+            self.blocks = sel.split_oversize_tensors(self.blocks, shapes, self.budget, set(self._candidates))
+            self._always, self._candidates = self._classify_blocks()
+        self.selection = sel.SelectionState(visits=[0] * len(self.blocks), since=[-1] * len(self.blocks))
+        self._rng = random.Random(self.config.seed)
+        self._row_views = {}
+        self._block_of_unit = {(i, block.rows): b for b, block in enumerate(self.blocks) for i in block.members}
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for block in self.blocks:
+            if block.rows is not None:
+                ranges.setdefault(block.members[0], []).append(block.rows)
+        self._row_ranges = {i: sorted(r) for i, r in ranges.items()}  # split tensors: scored range by range
         self._choose_initial_blocks()
+
+    @property
+    def splits_rows(self) -> bool:
+        """True when some block is a range of rows of a tensor too large for the whole budget."""
+        return any(block.rows is not None for block in self.blocks)
 
     def _refuse_direct_deepspeed(self) -> None:
         """Make ``deepspeed.initialize(optimizer=BlockLLM(...))`` a one-line error inside that call (no
@@ -115,9 +139,18 @@ class BlockLLM(torch.optim.Optimizer):
     def _selects_everything(self) -> bool:
         return self.budget >= sum(self.blocks[b].numel for b in self._candidates)
 
-    def _trained_indices(self) -> set[int]:
+    def _trained_units(self) -> list[Unit]:
+        """What Adam steps: (flat parameter index, None) for a whole tensor, (index, (start, stop)) for rows."""
         blocks = list(self._always) + list(self.selection.selected)
-        return {i for b in blocks for i in self.blocks[b].members}
+        units = {(i, self.blocks[b].rows) for b in blocks for i in self.blocks[b].members}
+        return sorted(units, key=lambda unit: (unit[0], unit[1] or (-1, -1)))
+
+    def _trained_indices(self) -> set[int]:
+        return {i for i, _ in self._trained_units()}
+
+    def _unit_name(self, unit: Unit) -> str:
+        index, rows = unit
+        return self._names[index] if rows is None else f"{self._names[index]}[{rows[0]}:{rows[1]}]"
 
     def trained_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         trained = self._trained_indices()
@@ -179,7 +212,10 @@ class BlockLLM(torch.optim.Optimizer):
         """
         if any(o.state for o in self.adam_optimizers()):
             raise RuntimeError("BlockLLM.rebind_parameters() after a step would drop the Adam state; call it before training")
-        self._apply_selection(carry_state=False)
+        if self.splits_rows and any(_is_dtensor(p) for p in self._flat_params()):
+            self._make_blocks(split_rows=False)  # rows of a sharded tensor are not this rank's to step
+        else:
+            self._apply_selection(carry_state=False)
 
     def hand_over_update(self, owner: UpdateOwner) -> None:
         """Let a backend own the Adam update of the trained blocks (DeepSpeed's ZeRO optimizers must).
@@ -197,6 +233,10 @@ class BlockLLM(torch.optim.Optimizer):
             raise RuntimeError("BlockLLM.hand_over_update: the update already belongs to a backend")
         self._owner = owner
         self._inner, self._inner_sources, self._masters = None, [], {}  # the backend keeps its own masters
+        if self.splits_rows:  # the backend steps whole tensors
+            if self.selection.step:
+                raise RuntimeError("BlockLLM.hand_over_update: call it before training")
+            self._make_blocks(split_rows=False)
 
     # ----- selection --------------------------------------------------------------------------
     def _choose_initial_blocks(self) -> None:
@@ -213,11 +253,21 @@ class BlockLLM(torch.optim.Optimizer):
         reach = self.config.variant == "masked"  # the masks trim the last block's overshoot
         return [self._candidates[i] for i in sel.greedy_select(candidate_order, numels, self.budget, reach)]
 
-    def _select_from_norms(self, scored_norms: list[float]) -> None:
+    def _select_from_norms(self, scored_norms: list) -> None:
         param_norms = [0.0] * len(self._names)  # tensors never scored (embeddings="never") stay at 0
+        range_norms: dict[tuple[int, tuple[int, int]], float] = {}
         for index, norm in zip(self._scored, scored_norms):
-            param_norms[index] = norm
-        block_norms = [sum(param_norms[i] ** 2 for i in self.blocks[b].members) ** 0.5 for b in self._candidates]
+            if index in self._row_ranges:  # one norm per range of its rows
+                range_norms.update({(index, rows): value for rows, value in zip(self._row_ranges[index], norm)})
+            else:
+                param_norms[index] = norm
+
+        def block_norm(block: sel.Block) -> float:
+            if block.rows is not None:
+                return range_norms.get((block.members[0], block.rows), 0.0)
+            return sum(param_norms[i] ** 2 for i in block.members) ** 0.5
+
+        block_norms = [block_norm(self.blocks[b]) for b in self._candidates]
         if self.config.strategy == "rms_over_visits":
             block_norms = sel.root_mean_square(block_norms, [self.blocks[b].numel for b in self._candidates])
         visits = [self.selection.visits[b] for b in self._candidates]
@@ -244,24 +294,26 @@ class BlockLLM(torch.optim.Optimizer):
             if index not in trained:
                 param.grad = None
         self._masks = {i: m for i, m in self._masks.items() if i in trained}
-        self._rebuild_inner(trained, carry_state)
+        self._rebuild_inner(carry_state)
         if scoring:
             self._scored = sorted(trained | candidates)
-            self.scorer.start([params[i] for i in self._scored], [i in trained for i in self._scored])
+            self.scorer.start([params[i] for i in self._scored], [i in trained for i in self._scored],
+                              [self._row_ranges.get(i) for i in self._scored])
 
-    def _rebuild_inner(self, trained: set[int], carry_state: bool) -> None:
+    def _rebuild_inner(self, carry_state: bool) -> None:
         if self._owner is not None:
             return  # the backend rebuilds its optimizer in selection_changed()
-        self._sync_masters(trained, carry_state)
+        units = self._trained_units()
+        self._sync_stepped(units, carry_state)
         if self.config.step_in_backward:
-            self._rebuild_per_tensor(trained, carry_state)
+            self._rebuild_per_tensor(units, carry_state)
             return
         old = self._inner
         # One inner group per (outer group, selected-at step): blocks selected together warm up together.
         grouped: dict[tuple[int, int], list[torch.Tensor]] = {}
         sources = self._group_of_each_tensor()
-        for i in sorted(trained):
-            grouped.setdefault((sources[i], self._selected_at(i)), []).append(self._stepped(i))
+        for unit in units:
+            grouped.setdefault((sources[unit[0]], self._selected_at(unit)), []).append(self._stepped(unit))
         self._inner_sources = list(grouped)
         groups = [{**{k: self.param_groups[source][k] for k in ADAM_KEYS}, "params": tensors}
                   for (source, _), tensors in grouped.items()]
@@ -278,9 +330,9 @@ class BlockLLM(torch.optim.Optimizer):
     def _group_of_each_tensor(self) -> list[int]:
         return [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
 
-    def _selected_at(self, index: int) -> int:
-        """The step the tensor's block was selected at; -1 for blocks trained from the start."""
-        return self.selection.since[self._block_of[index]] if self.selection.since else -1
+    def _selected_at(self, unit: Unit) -> int:
+        """The step the unit's block was selected at; -1 for blocks trained from the start."""
+        return self.selection.since[self._block_of_unit[unit]] if self.selection.since else -1
 
     def _lr_factor(self, selected_at: int) -> float:
         """block_warmup_steps: a linear ramp over a newly selected block's first steps, whose Adam moments
@@ -290,71 +342,100 @@ class BlockLLM(torch.optim.Optimizer):
             return 1.0
         return min(1.0, (self.selection.step - selected_at + 1) / warmup)
 
-    # ----- fp32 masters (weight_update="fp32_master") ---------------------------------------------
-    def _sync_masters(self, trained: set[int], carry_state: bool) -> None:
-        """Keep an fp32 copy of each trained bf16/fp16 tensor: copies of tensors that stay are kept (they
-        hold what rounding into the weights lost), those of tensors that leave are dropped."""
+    # ----- what Adam steps: the parameter, a view of its trained rows, or an fp32 copy of either -------
+    def _sync_stepped(self, units: list[Unit], carry_state: bool) -> None:
+        """fp32 copies (weight_update="fp32_master") of trained bf16/fp16 units: copies of units that stay are
+        kept (they hold what rounding into the weights lost), those of units that leave are dropped. Row
+        ranges without a copy are stepped through a view of the parameter's rows, kept while they stay (Adam's
+        state is keyed by that tensor)."""
         params = self._flat_params()
-        kept = self._masters if carry_state else {}
-        self._masters = {}
-        if self.config.weight_update != "fp32_master":
-            return
-        for i in sorted(trained):
-            if params[i].dtype in (torch.bfloat16, torch.float16):
-                self._masters[i] = kept[i] if i in kept else params[i].detach().float()
+        kept_masters = self._masters if carry_state else {}
+        kept_views = self._row_views
+        self._masters, self._row_views = {}, {}
+        copies = self.config.weight_update == "fp32_master"
+        for unit in units:
+            index, rows = unit
+            param = params[index]
+            if copies and param.dtype in (torch.bfloat16, torch.float16):
+                self._masters[unit] = kept_masters[unit] if unit in kept_masters else _rows(param, rows).detach().float()
+            elif rows is not None:
+                owner, view = kept_views.get(unit, (None, None))
+                self._row_views[unit] = (param, view if owner is param else _rows(param.detach(), rows))
 
-    def _stepped(self, index: int) -> torch.Tensor:
-        """The tensor Adam updates for flat parameter ``index``: its fp32 master, or the parameter itself."""
-        return self._masters[index] if index in self._masters else self._flat_params()[index]
+    def _stepped(self, unit: Unit) -> torch.Tensor:
+        """The tensor Adam updates for ``unit``: its fp32 master, a view of its rows, or the parameter itself."""
+        if unit in self._masters:
+            return self._masters[unit]
+        if unit in self._row_views:
+            return self._row_views[unit][1]
+        return self._flat_params()[unit[0]]
 
-    def _grads_to_masters(self, indices) -> None:
+    def _grads_to_stepped(self, units, observe_freed: bool) -> None:
+        """Hand each stepped tensor its part of the parameter's gradient; a parameter whose gradient an fp32
+        copy takes over is freed (on a scoring step ``observe_freed`` first records its norm, once)."""
         params = self._flat_params()
-        for i in indices:
-            if i in self._masters:
-                grad = params[i].grad
-                if grad is not None and self.selection.scoring:
-                    self.scorer.observe(params[i], grad)  # a scoring step: its norm is read after this frees it
-                self._masters[i].grad = None if grad is None else grad.float()
-                params[i].grad = None  # the fp32 copy replaces it: no need to hold both
+        freed: set[int] = set()
+        for unit in units:
+            index, rows = unit
+            if unit not in self._masters and rows is None:
+                continue  # the parameter is stepped with its own gradient
+            grad = params[index].grad
+            part = None if grad is None else _rows(grad, rows)
+            if unit in self._masters:
+                if grad is not None and observe_freed and self.selection.scoring and index not in freed:
+                    self.scorer.observe(params[index], grad)  # its norm is read after this frees it
+                self._masters[unit].grad = None if part is None else part.float()
+                freed.add(index)
+            else:
+                self._row_views[unit][1].grad = part
+        for index in freed:
+            params[index].grad = None  # the fp32 copies replace it: no need to hold both
 
-    def _masters_to_weights(self, indices) -> None:
+    def _stepped_to_weights(self, units) -> None:
         params = self._flat_params()
-        for i in indices:
-            if i in self._masters:
-                params[i].copy_(self._masters[i])
-                self._masters[i].grad = None
+        for unit in units:
+            index, rows = unit
+            if unit in self._masters:
+                _rows(params[index], rows).copy_(self._masters[unit])
+                self._masters[unit].grad = None
+            elif rows is not None:
+                self._row_views[unit][1].grad = None
 
     def master_numel(self) -> int:
         """Elements held in fp32 master copies right now (only trained low-precision tensors have one)."""
         return sum(m.numel() for m in self._masters.values())
 
-    def _rebuild_per_tensor(self, trained: set[int], carry_state: bool) -> None:
-        """One AdamW per trained tensor, stepped the moment its gradient is ready (then freed)."""
+    def _rebuild_per_tensor(self, units: list[Unit], carry_state: bool) -> None:
+        """One AdamW per trained unit, stepped the moment its tensor's gradient is ready (then freed)."""
         for handle in self._step_hooks:
             handle.remove()
         old = self._per_tensor if carry_state else {}
         sources = self._group_of_each_tensor()
         params = self._flat_params()
         self._per_tensor, self._step_hooks = {}, []
-        for i in sorted(trained):
-            group = self.param_groups[sources[i]]
-            self._per_tensor[i] = old.get(i) or self._build_adam(
-                [{**{k: group[k] for k in ADAM_KEYS}, "params": [self._stepped(i)]}])
-            self._step_hooks.append(params[i].register_post_accumulate_grad_hook(self._backward_stepper(i, group)))
+        for unit in units:
+            group = self.param_groups[sources[unit[0]]]
+            self._per_tensor[unit] = old.get(unit) or self._build_adam(
+                [{**{k: group[k] for k in ADAM_KEYS}, "params": [self._stepped(unit)]}])
+        for index in sorted({i for i, _ in units}):
+            its_units = [u for u in units if u[0] == index]
+            group = self.param_groups[sources[index]]
+            self._step_hooks.append(params[index].register_post_accumulate_grad_hook(
+                self._backward_stepper(its_units, group)))
 
-    def _backward_stepper(self, index: int, group: dict):
-        optimizer = self._per_tensor[index]
-
+    def _backward_stepper(self, units: list[Unit], group: dict):
         @torch.no_grad()
         def step_and_free(param: torch.Tensor) -> None:
             if self.selection.scoring:
-                self.scorer.observe(param, param.grad)
-            # read at every step, so LR schedulers reach it
-            factor = self._lr_factor(self._selected_at(index))
-            copy_hyperparameters({**group, "lr": group["lr"] * factor}, optimizer.param_groups[0], ADAM_KEYS)
-            self._grads_to_masters([index])
-            optimizer.step()
-            self._masters_to_weights([index])
+                self.scorer.observe(param, param.grad)  # once: the copies below do not observe again
+            self._grads_to_stepped(units, observe_freed=False)
+            for unit in units:
+                optimizer = self._per_tensor[unit]
+                # read at every step, so LR schedulers reach it
+                factor = self._lr_factor(self._selected_at(unit))
+                copy_hyperparameters({**group, "lr": group["lr"] * factor}, optimizer.param_groups[0], ADAM_KEYS)
+                optimizer.step()
+            self._stepped_to_weights(units)
             param.grad = None
 
         return step_and_free
@@ -383,11 +464,11 @@ class BlockLLM(torch.optim.Optimizer):
         frozen parameters have none. (A backend that owns the update, DeepSpeed, keeps them itself.)"""
         params = self._flat_params()
         published = {}
-        for i in self._trained_indices():
-            holder = self._per_tensor.get(i) or self._inner
-            state = holder.state.get(self._masters.get(i, params[i])) if holder is not None else None
-            if state:
-                published[params[i]] = state
+        for unit in self._trained_units():
+            holder = self._per_tensor.get(unit) or self._inner
+            state = holder.state.get(self._stepped(unit)) if holder is not None else None
+            if state:  # a row range's state is published under the tensor that holds those rows
+                published[params[unit[0]] if unit[1] is None else self._stepped(unit)] = state
         self.state = defaultdict(dict, published)
 
     def _update_trained_blocks(self) -> None:
@@ -397,16 +478,17 @@ class BlockLLM(torch.optim.Optimizer):
             outer = self.param_groups[source]
             scaled = {**outer, "lr": outer["lr"] * self._lr_factor(selected_at)}
             copy_hyperparameters(scaled, inner_group, ADAM_KEYS)
-        trained = sorted(self._trained_indices())
+        units = self._trained_units()
         if self.config.variant == "masked":
             self._draw_fresh_masks()
-        self._grads_to_masters(trained)
-        before = {i: self._stepped(i).detach().clone() for i in self._masks}
+        self._grads_to_stepped(units, observe_freed=True)
+        # the masked variant never has row ranges (selection.split_oversize_tensors): whole tensors only
+        before = {i: self._stepped((i, None)).detach().clone() for i in self._masks}
         self._inner.step()
         for i, mask in self._masks.items():  # masked variant: only the masked entries move
-            stepped = self._stepped(i)
+            stepped = self._stepped((i, None))
             stepped.copy_(torch.where(mask, stepped, before[i]))
-        self._masters_to_weights(trained)
+        self._stepped_to_weights(units)
 
     def _draw_fresh_masks(self) -> None:
         """The masked variant: Adam on the whole block (moments stay dense), but only masked entries move.
@@ -467,9 +549,9 @@ class BlockLLM(torch.optim.Optimizer):
             "names": list(self._names),
             "selection": asdict(self.selection),
             "inner": self._inner.state_dict() if self._inner is not None else None,
-            "per_tensor": {self._names[i]: o.state_dict() for i, o in self._per_tensor.items()},
+            "per_tensor": {self._unit_name(u): o.state_dict() for u, o in self._per_tensor.items()},
             "masks": {self._names[i]: m.to(params[i].device) for i, m in self._masks.items()},
-            "masters": {self._names[i]: m for i, m in self._masters.items()},
+            "masters": {self._unit_name(u): m for u, m in self._masters.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -485,13 +567,27 @@ class BlockLLM(torch.optim.Optimizer):
         self._masks = {index[n]: m.to(params[index[n]].device) for n, m in state_dict["masks"].items()}
         self.scorer.finish()
         self._apply_selection(carry_state=False)
+        unit_of = {self._unit_name(u): u for u in self._trained_units()}
         for name, saved in state_dict.get("masters", {}).items():  # what rounding into bf16 weights lost
-            self._masters[index[name]].copy_(saved)
+            self._masters[unit_of[name]].copy_(saved)
         if self._inner is not None and state_dict["inner"] is not None:
             self._inner.load_state_dict(state_dict["inner"])
         for name, saved in state_dict.get("per_tensor", {}).items():
-            self._per_tensor[index[name]].load_state_dict(saved)
+            self._per_tensor[unit_of[name]].load_state_dict(saved)
         self._publish_state()
+
+
+Unit = tuple  # (flat parameter index, (start, stop) rows or None): see BlockLLM._trained_units
+
+
+def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _as_rng_state(saved) -> tuple:

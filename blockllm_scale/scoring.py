@@ -19,6 +19,7 @@ except ImportError:  # torch built without distributed support
     DTensor = ()
 
 GradReducer = Callable[[torch.Tensor], None]
+RowRanges = list[tuple[int, int]] | None  # per parameter: score each of these ranges of its rows apart
 
 
 class GradNormScorer:
@@ -40,15 +41,18 @@ class GradNormScorer:
         self._shard_groups: list[tuple] = []  # per parameter: groups its DTensor grad is sharded over
         self._params: Sequence[torch.Tensor] = ()
         self._keep: Sequence[bool] = ()
+        self._row_ranges: Sequence[RowRanges] = ()
 
     @property
     def active(self) -> bool:
         return bool(self._handles)
 
-    def start(self, params: Sequence[torch.Tensor], keep: Sequence[bool]) -> None:
-        """Hook ``params``; ``keep[i]`` says whether params[i]'s gradient is needed for the update."""
+    def start(self, params: Sequence[torch.Tensor], keep: Sequence[bool], row_ranges: Sequence[RowRanges] | None = None) -> None:
+        """Hook ``params``; ``keep[i]`` says whether params[i]'s gradient is needed for the update;
+        ``row_ranges[i]`` (optional) asks for one norm per range of params[i]'s rows instead of one in all."""
         self.finish()
         self._params, self._keep = list(params), list(keep)
+        self._row_ranges = list(row_ranges) if row_ranges is not None else [None] * len(self._params)
         self._sq_norms = [None] * len(self._params)
         self._shard_groups = [()] * len(self._params)
         for index, (param, kept) in enumerate(zip(self._params, self._keep)):
@@ -78,8 +82,9 @@ class GradNormScorer:
                 self._sq_norms[index] = sq if previous is None else previous + sq
                 return
 
-    def finish(self) -> list[float]:
-        """Remove the hooks and return each parameter's gradient norm (0.0 where none arrived)."""
+    def finish(self) -> list[float | list[float]]:
+        """Remove the hooks and return each parameter's gradient norm (0.0 where none arrived): a list of
+        norms, one per range, for a parameter scored by row ranges."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -87,11 +92,16 @@ class GradNormScorer:
             if kept and param.grad is not None:
                 self._sq_norms[index] = self._local_square_sum(index, param.grad)
         self._sum_shards()
-        recorded = [sq for sq in self._sq_norms if sq is not None]
+        recorded = [sq.reshape(-1) for sq in self._sq_norms if sq is not None]
         # One device-to-host copy for all norms instead of a synchronisation per parameter.
-        values = iter(torch.stack([sq.to(recorded[0].device) for sq in recorded]).sqrt().cpu().tolist() if recorded else [])
-        norms = [0.0 if sq is None else next(values) for sq in self._sq_norms]
-        self._params, self._keep, self._sq_norms, self._shard_groups = (), (), [], []
+        values = iter(torch.cat([sq.to(recorded[0].device) for sq in recorded]).sqrt().cpu().tolist() if recorded else [])
+        norms: list[float | list[float]] = []
+        for sq, ranges in zip(self._sq_norms, self._row_ranges):
+            if ranges is None:
+                norms.append(0.0 if sq is None else next(values))
+            else:
+                norms.append([0.0] * len(ranges) if sq is None else [next(values) for _ in ranges])
+        self._params, self._keep, self._sq_norms, self._shard_groups, self._row_ranges = (), (), [], [], ()
         return norms
 
     def _local_square_sum(self, index: int, grad: torch.Tensor) -> torch.Tensor:
@@ -101,6 +111,10 @@ class GradNormScorer:
             mesh = grad.device_mesh
             self._shard_groups[index] = tuple(mesh.get_group(d) for d, p in enumerate(grad.placements) if p.is_shard())
             grad = grad.to_local()
+        ranges = self._row_ranges[index]
+        if ranges is not None:  # one squared norm per range of rows, from one reduction over the rows
+            rows = torch.linalg.vector_norm(grad.detach(), dim=1, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
+            return torch.stack([rows[a:b].sum() for a, b in ranges])
         return square_sum(grad.detach())
 
     def _sum_shards(self) -> None:

@@ -37,6 +37,7 @@ from blockllm_scale.benchmarks import environment  # noqa: E402  (versions, comm
 from blockllm_scale.benchmarks.reproduce import render, report  # noqa: E402
 from blockllm_scale.benchmarks.reproduce.render import ABLATIONS, FIGURE4, TABLE3, TABLE3_PPL  # noqa: E402
 from blockllm_scale.config import PAPER_SETTINGS  # noqa: E402
+from blockllm_scale.launcher.cli import settings_as_flags  # noqa: E402
 
 COMMANDS = ("table3-memory", "table3-ppl", "figure4", "ablations", "all", "report")
 
@@ -103,8 +104,7 @@ def method_flags(method: str, size: str, plan: Plan, steps: int) -> list[str]:
         # The paper's rule (PAPER_SETTINGS: single tensors, ||G|| / visits, every tensor a candidate, m = 50),
         # lr 1e-3, no warm-up.
         settings = {**PAPER_SETTINGS, **overrides}
-        return (f"--optimizer blockllm --sparsity {sparsity} --lr 1e-3 --warmup_steps 0 "
-                + " ".join(f"--{k} {v}" for k, v in settings.items())).split()
+        return f"--optimizer blockllm --sparsity {sparsity} --lr 1e-3 --warmup_steps 0".split() + settings_as_flags(settings)
 
     warmup = steps // 10  # GaLore and AdamW: 10% linear warm-up
     flags = {

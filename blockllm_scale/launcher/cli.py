@@ -153,17 +153,23 @@ def parse_args(argv: list[str] | None = None) -> dict:
     return sections
 
 
+def settings_as_flags(settings: dict) -> list[str]:
+    """Settings (e.g. ``PAPER_SETTINGS``) as this launcher's flags: ``--name value``; ``--name`` or
+    ``--no-name`` for true or false."""
+    argv = []
+    for name, value in settings.items():
+        argv += [f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
+    return argv
+
+
 def resume_command(sections: dict) -> list[str]:
     """The flags of this run that differ from their defaults, then ``--resume auto``: the command line
     that continues it to --steps, whatever command line (or test) started it."""
-    argv = []
+    changed = {}
     for section, (cls, skipped) in CONFIG_SECTIONS.items():
         for f in dataclasses.fields(cls):
             value = getattr(sections[section], f.name)
             if f.name in skipped or f.name in ("resume", "overwrite", "stop_at_step") or value == f.default:
                 continue
-            if f.type in ("bool", bool):
-                argv.append(f"--{f.name}" if value else f"--no-{f.name}")
-            else:
-                argv += [f"--{f.name}", str(value)]
-    return [*argv, "--resume", "auto"]
+            changed[f.name] = value
+    return [*settings_as_flags(changed), "--resume", "auto"]
