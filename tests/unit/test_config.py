@@ -72,6 +72,7 @@ def test_from_dict_accepts_known_keys_and_names_a_misspelt_one():
     (dict(embeddings="sometimes"), "embeddings"),
     (dict(states="fp16"), "states"),
     (dict(step_in_backward="yes"), "step_in_backward"),
+    (dict(row_ranges="no"), "row_ranges"),
     (dict(step_in_backward=True, variant="masked"), "step_in_backward"),
 ])
 def test_optimizer_rejects_bad_arguments_naming_them(model, settings, named):

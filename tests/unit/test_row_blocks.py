@@ -243,3 +243,14 @@ def test_llama_60m_shaped_model_at_s09_trains_about_a_tenth_on_every_step():
         opt.zero_grad(set_to_none=True)
     assert max(fractions) <= 0.1 + 1e-6 and sum(fractions) / len(fractions) >= 0.085, fractions
     assert embedding_steps >= len(fractions) // 2  # the embeddings' rows are trained, within the budget
+
+
+def test_the_paper_settings_train_whole_tensors_and_reach_the_launcher_as_flags():
+    from blockllm_scale.config import PAPER_SETTINGS
+    from blockllm_scale.launcher.cli import parse_args, settings_as_flags
+
+    model = TinyLM()
+    assert not BlockLLM(model.named_parameters(), sparsity=0.9, **PAPER_SETTINGS).splits_rows
+    parsed = parse_args(settings_as_flags(PAPER_SETTINGS))["blockllm"]
+    assert {k: getattr(parsed, k) for k in PAPER_SETTINGS} == PAPER_SETTINGS
+    assert parse_args(settings_as_flags({"row_ranges": True}))["blockllm"].row_ranges
