@@ -64,6 +64,7 @@ class BlockLLM(torch.optim.Optimizer):
         # step_in_backward: one AdamW per trained unit, stepped by a hook inside backward.
         self._per_tensor: dict[tuple, torch.optim.Optimizer] = {}
         self._step_hooks: list = []
+        self._row_hooks: list = []  # zero the gradient rows of split tensors that no trained range covers
         self._masks: dict[int, torch.Tensor] = {}
         self._scored: list[int] = []  # flat indices of the tensors the scorer is measuring
         self._pending_losses: list[torch.Tensor | float] = []
@@ -295,10 +296,30 @@ class BlockLLM(torch.optim.Optimizer):
                 param.grad = None
         self._masks = {i: m for i, m in self._masks.items() if i in trained}
         self._rebuild_inner(carry_state)
+        self._zero_frozen_rows(params, scoring)
         if scoring:
             self._scored = sorted(trained | candidates)
             self.scorer.start([params[i] for i in self._scored], [i in trained for i in self._scored],
                               [self._row_ranges.get(i) for i in self._scored])
+
+    def _zero_frozen_rows(self, params: list[torch.Tensor], scoring: bool) -> None:
+        """Rows of a split tensor that no trained range covers get a zero gradient, as a frozen tensor gets
+        none: gradient clipping over ``model.parameters()`` (the HF Trainer's, a user's loop) then measures
+        only what is trained. Not on a scoring step, whose scores need every row's gradient."""
+        for handle in self._row_hooks:
+            handle.remove()
+        self._row_hooks = []
+        if scoring or not self._row_ranges:
+            return
+        trained_rows: dict[int, list[tuple[int, int]]] = {}
+        for index, rows in self._trained_units():
+            if rows is not None:
+                trained_rows.setdefault(index, []).append(rows)
+        for index, ranges in trained_rows.items():
+            frozen = torch.ones(params[index].shape[0], 1, dtype=torch.bool, device=params[index].device)
+            for start, stop in ranges:
+                frozen[start:stop] = False
+            self._row_hooks.append(params[index].register_post_accumulate_grad_hook(_zero_rows(frozen)))
 
     def _rebuild_inner(self, carry_state: bool) -> None:
         if self._owner is not None:
@@ -582,6 +603,14 @@ Unit = tuple  # (flat parameter index, (start, stop) rows or None): see BlockLLM
 
 def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
     return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+def _zero_rows(frozen: torch.Tensor):
+    def hook(param: torch.Tensor) -> None:
+        if param.grad is not None:  # (step_in_backward has stepped and freed it already)
+            param.grad.masked_fill_(frozen, 0)
+
+    return hook
 
 
 def _is_dtensor(tensor) -> bool:

@@ -254,3 +254,26 @@ def test_the_paper_settings_train_whole_tensors_and_reach_the_launcher_as_flags(
     parsed = parse_args(settings_as_flags(PAPER_SETTINGS))["blockllm"]
     assert {k: getattr(parsed, k) for k in PAPER_SETTINGS} == PAPER_SETTINGS
     assert parse_args(settings_as_flags({"row_ranges": True}))["blockllm"].row_ranges
+
+
+def test_gradient_clipping_over_all_parameters_sees_only_the_trained_rows():
+    """As a frozen tensor has no gradient, a split tensor's untrained rows have a zero one (the Trainer clips
+    over model.parameters()); a scoring step keeps every row's, which its scores need."""
+    model = TinyLM()
+    opt = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=100)
+    train(model, opt, range(1))  # step 0 scores and selects
+    head = [b for b, block in enumerate(opt.blocks) if block.rows is not None and "lm_head" in block.name]
+    layer = next(b for b, block in enumerate(opt.blocks) if block.rows is None and block.name.startswith("layers."))
+    opt._switch_to([head[1], layer])  # one range of the head and a layer, as a switch would choose
+    model(batch(1)).backward()
+    a, b = opt.blocks[head[1]].rows
+    grad = model.lm_head.weight.grad
+    assert grad[a:b].abs().sum() > 0 and grad[:a].abs().sum() == 0 and grad[b:].abs().sum() == 0
+    trained = [p.grad for _, p in opt.trained_named_parameters()]
+    everything = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.nn.utils.get_total_norm(everything) == torch.nn.utils.get_total_norm(trained)
+    opt.zero_grad(set_to_none=True)
+    opt.selection.scoring = True
+    opt._apply_selection()
+    model(batch(2)).backward()
+    assert (model.lm_head.weight.grad.abs().sum(dim=1) > 0).all()  # every row, for the scores
