@@ -90,7 +90,8 @@ class BlockLLM(torch.optim.Optimizer):
             self._always, self._candidates = self._classify_blocks()
         self.selection = sel.SelectionState(visits=[0] * len(self.blocks), since=[-1] * len(self.blocks))
         self._rng = random.Random(self.config.seed)
-        self._row_views = {}
+        # before training only: nothing stepped yet, and copies made of tensors a wrapper may since have replaced
+        self._masters, self._row_views, self._per_tensor, self._inner = {}, {}, {}, None
         self._block_of_unit = {(i, block.rows): b for b, block in enumerate(self.blocks) for i in block.members}
         ranges: dict[int, list[tuple[int, int]]] = {}
         for block in self.blocks:

@@ -95,6 +95,12 @@ def test_torchao_8bit_states_on_dtensors(runs, rank):
         results["torchao_8bit"]["losses"]
 
 
+def test_row_ranges_give_way_to_whole_sharded_tensors(runs):
+    s09 = runs[1][0]["s09"]
+    assert len(s09["losses"]) == 3 and all(math.isfinite(x) for x in s09["losses"])
+    assert all(s["grads_only_on_trained"] and s["grads_are_dtensors"] for s in s09["steps"])
+
+
 def test_adamw_under_fsdp2(runs):
     losses = runs[1][0]["adamw"]["losses"]
     assert losses[-1] < losses[0] and runs[1][1]["adamw"]["losses"] == losses
