@@ -68,7 +68,9 @@ def group_into_blocks(names: Sequence[str], numels: Sequence[int], granularity: 
 
 # Row ranges are cut to about this share of the budget: small enough that a step's selection (a decoder layer
 # is 54% of LLaMA-60M's s=0.9 budget) can fill what the larger blocks leave, so s trains about (1 - s) n.
-RANGE_SHARE_OF_BUDGET = 1 / 8
+# Measured on the CPU (LLaMA-60M-shaped, s=0.9, 300 steps): 1/4 trained 0.081 per step, 1/8 0.093, 1/16 0.097,
+# at eval losses within 0.02 nats of each other.
+RANGE_SHARE_OF_BUDGET = 1 / 16
 
 
 def split_oversize_tensors(blocks: Sequence[Block], shapes: Sequence[torch.Size], budget: int,
