@@ -20,7 +20,6 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -164,6 +163,8 @@ def _synchronize() -> None:
 
 # ----- the four launches and the report ----------------------------------------------------------
 def launch(opts: argparse.Namespace, backend: str, optimizer: str, result: Path, gpus: int) -> subprocess.CompletedProcess:
+    from blockllm_scale.parallel import free_port
+
     nproc = opts.nproc or gpus or 2
     worker_args = [str(Path(__file__).resolve()), "--worker", "--backend", backend, "--optimizer", optimizer,
                    "--result", str(result), "--model", opts.model, "--dataset", opts.dataset, "--steps", str(opts.steps),
@@ -185,12 +186,6 @@ def launch(opts: argparse.Namespace, backend: str, optimizer: str, result: Path,
     if not gpus:
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def failure(log: str) -> str:

@@ -33,7 +33,7 @@ from . import selection as sel
 from .config import BlockLLMConfig, ConfigError
 from .interface import GuardedParamGroups, UpdateOwner
 from .parallel import average_grad_over_ranks, mean_over_ranks
-from .scoring import GradNormScorer
+from .scoring import GradNormScorer, is_dtensor
 from .states import ADAM_KEYS, build_adam, copy_hyperparameters, state_dtypes, state_numel
 
 
@@ -74,7 +74,7 @@ class BlockLLM(torch.optim.Optimizer):
         # Trained row ranges without an fp32 copy (see selection.split_oversize_tensors) -> (the parameter, the
         # view of its rows that Adam steps).
         self._row_views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._make_blocks(split_rows=not any(_is_dtensor(p) for p in self._flat_params()))
+        self._make_blocks(split_rows=not any(is_dtensor(p) for p in self._flat_params()))
 
     def _make_blocks(self, split_rows: bool) -> None:
         """Blocks, budget and a fresh selection. Row ranges (for tensors larger than the whole budget) need
@@ -103,7 +103,7 @@ class BlockLLM(torch.optim.Optimizer):
     @property
     def splits_rows(self) -> bool:
         """True when some block is a range of rows of a tensor too large for the whole budget."""
-        return any(block.rows is not None for block in self.blocks)
+        return bool(self._row_ranges)
 
     def _refuse_direct_deepspeed(self) -> None:
         """Make ``deepspeed.initialize(optimizer=BlockLLM(...))`` a one-line error inside that call (no
@@ -214,7 +214,7 @@ class BlockLLM(torch.optim.Optimizer):
         """
         if any(o.state for o in self.adam_optimizers()):
             raise RuntimeError("BlockLLM.rebind_parameters() after a step would drop the Adam state; call it before training")
-        if self.splits_rows and any(_is_dtensor(p) for p in self._flat_params()):
+        if self.splits_rows and any(is_dtensor(p) for p in self._flat_params()):
             self._make_blocks(split_rows=False)  # rows of a sharded tensor are not this rank's to step
         else:
             self._apply_selection(carry_state=False)
@@ -612,12 +612,6 @@ def _zero_rows(frozen: torch.Tensor):
             param.grad.masked_fill_(frozen, 0)
 
     return hook
-
-
-def _is_dtensor(tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def _as_rng_state(saved) -> tuple:

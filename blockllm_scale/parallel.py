@@ -8,6 +8,7 @@ wants (CUDA for NCCL, CPU for gloo).
 
 from __future__ import annotations
 
+import socket
 from typing import Callable, TypeVar
 
 import torch
@@ -73,6 +74,13 @@ def end_with_a_barrier() -> None:
     the worker has released the collectives before it.
     """
     barrier()
+
+
+def free_port() -> int:
+    """A local port nobody listens on now (a rendezvous for launchers and process groups that pick none)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def broadcast_from_rank0(make: Callable[[], T]) -> T:

@@ -61,7 +61,7 @@ class GradNormScorer:
 
     def _recorder(self, index: int):
         def record_and_free(param: torch.Tensor) -> None:
-            if self.reduce_grad is not None and not _is_dtensor(param.grad):
+            if self.reduce_grad is not None and not is_dtensor(param.grad):
                 self.reduce_grad(param.grad)
             # Micro-batches of one step add up as squared norms: an approximation of the norm of
             # their sum that needs no gradient kept between them.
@@ -105,7 +105,7 @@ class GradNormScorer:
         return norms
 
     def _local_square_sum(self, index: int, grad: torch.Tensor) -> torch.Tensor:
-        if _is_dtensor(grad):
+        if is_dtensor(grad):
             # Process groups of the mesh dimensions the gradient is sharded over (FSDP2: the one
             # data-parallel dimension); replicated dimensions already hold the whole sum.
             mesh = grad.device_mesh
@@ -142,5 +142,5 @@ def square_sum(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32)).square()
 
 
-def _is_dtensor(tensor) -> bool:
+def is_dtensor(tensor) -> bool:
     return isinstance(tensor, DTensor)

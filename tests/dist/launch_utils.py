@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from blockllm_scale.parallel import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (for launchers that do not pick one themselves)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

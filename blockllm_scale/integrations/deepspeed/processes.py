@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
+
+from ...parallel import free_port
 
 
 def init_distributed() -> None:
@@ -20,7 +21,7 @@ def init_distributed() -> None:
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     if on_cpu():
         # DeepSpeed compiles its shared-memory all-reduce op on first use (45-120 s); gloo needs none.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -28,12 +29,6 @@ def init_distributed() -> None:
     else:
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def on_cpu() -> bool:
